@@ -1,0 +1,317 @@
+use std::time::Duration;
+
+use busbar_proto::v1 as pb;
+use busbar_proto::v1::busbar_client::BusbarClient;
+use busbar_proto::v1::cluster_client::ClusterClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{codes, ClientError};
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Bound on connecting to one broker.
+    pub connect_timeout: Duration,
+    /// Bound on one request.
+    pub request_timeout: Duration,
+    /// How many times a call retries on NOT_LEADER / no leader / unreachable broker.
+    pub max_retries: u32,
+    pub max_message_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(30),
+            max_retries: 20,
+            max_message_bytes: 80 << 20,
+        }
+    }
+}
+
+/// A record to produce.
+#[derive(Clone, Debug, Default)]
+pub struct Record {
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// 0: the broker sets it.
+    pub timestamp_ms: i64,
+}
+
+impl Record {
+    pub fn value(v: impl Into<Vec<u8>>) -> Self {
+        Self { value: v.into(), ..Default::default() }
+    }
+
+    fn into_wire(self) -> pb::Record {
+        pb::Record {
+            key: self.key,
+            value: self.value,
+            headers: self.headers.into_iter().map(|(name, value)| pb::Header { name, value }).collect(),
+            timestamp_ms: self.timestamp_ms,
+        }
+    }
+}
+
+/// A connection to a Busbar cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    brokers: Vec<String>,
+    opts: ClientOptions,
+}
+
+impl Client {
+    /// Checks that at least one broker answers.
+    pub async fn connect<I, S>(brokers: I) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::connect_with(brokers, ClientOptions::default()).await
+    }
+
+    pub async fn connect_with<I, S>(brokers: I, opts: ClientOptions) -> Result<Self, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let brokers: Vec<String> = brokers.into_iter().map(Into::into).filter(|b: &String| !b.is_empty()).collect();
+        if brokers.is_empty() {
+            return Err(ClientError::InvalidArgument("no brokers given".into()));
+        }
+        let client = Self { brokers, opts };
+        client.channel_any().await?;
+        Ok(client)
+    }
+
+    pub fn brokers(&self) -> &[String] {
+        &self.brokers
+    }
+
+    async fn channel_to(&self, addr: &str) -> Result<Channel, String> {
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("{addr}: {e}"))?
+            .connect_timeout(self.opts.connect_timeout)
+            .timeout(self.opts.request_timeout)
+            .tcp_nodelay(true);
+        match tokio::time::timeout(self.opts.connect_timeout, ep.connect()).await {
+            Ok(Ok(ch)) => Ok(ch),
+            Ok(Err(e)) => Err(format!("{addr}: {e}")),
+            Err(_) => Err(format!("{addr}: connect timed out after {:?}", self.opts.connect_timeout)),
+        }
+    }
+
+    /// The first broker that accepts a connection.
+    async fn channel_any(&self) -> Result<(String, Channel), ClientError> {
+        let mut last = String::new();
+        for b in &self.brokers {
+            match self.channel_to(b).await {
+                Ok(ch) => return Ok((b.clone(), ch)),
+                Err(e) => last = e,
+            }
+        }
+        Err(ClientError::NoBroker { brokers: self.brokers.clone(), last })
+    }
+
+    /// Runs `call` against a broker, retrying on another broker or the named leader when the
+    /// answer says so. `call` must be safe to repeat (reads, and writes the server deduplicates or
+    /// that fail definitely).
+    async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut preferred: Option<String> = None;
+        let mut last = ClientError::NoBroker { brokers: self.brokers.clone(), last: "no attempt made".into() };
+        let mut backoff = Duration::from_millis(50);
+        for _ in 0..=self.opts.max_retries {
+            let ch = match &preferred {
+                Some(addr) => self
+                    .channel_to(addr)
+                    .await
+                    .map_err(|e| ClientError::NoBroker { brokers: vec![addr.clone()], last: e }),
+                None => self.channel_any().await.map(|(_, ch)| ch),
+            };
+            let ch = match ch {
+                Ok(ch) => ch,
+                Err(e) => {
+                    preferred = None;
+                    last = e;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            match call(ch).await {
+                Ok(v) => return Ok(v),
+                Err(st) => {
+                    let err = ClientError::from_status(&st);
+                    match &err {
+                        ClientError::Api { code: codes::NOT_LEADER, leader_addr: Some(addr), .. } => {
+                            preferred = Some(addr.clone());
+                        }
+                        ClientError::Api {
+                            code: codes::NOT_LEADER | codes::LEADER_NOT_AVAILABLE | codes::SHUTTING_DOWN,
+                            ..
+                        } => {
+                            preferred = None;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                        ClientError::NoBroker { .. } => {
+                            preferred = None;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                        _ => return Err(err),
+                    }
+                    last = err;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn api(&self, ch: Channel) -> BusbarClient<Channel> {
+        BusbarClient::new(ch)
+            .max_decoding_message_size(self.opts.max_message_bytes)
+            .max_encoding_message_size(self.opts.max_message_bytes)
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
+        let req = pb::CreateTopicRequest { name: name.into(), partitions };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move { c.create_topic(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        let req = pb::DeleteTopicRequest { name: name.into() };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move { c.delete_topic(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<pb::TopicInfo>, ClientError> {
+        self.with_retry(|ch| {
+            let mut c = self.api(ch);
+            async move { c.list_topics(pb::ListTopicsRequest {}).await.map(|r| r.into_inner().topics) }
+        })
+        .await
+    }
+
+    /// Appends one batch to one partition; returns once it is committed on a quorum and applied.
+    ///
+    /// Retries only answers that say the batch was not written (NOT_LEADER, no leader). An
+    /// INDETERMINATE error means it may have been written; retrying could then duplicate it.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<pb::ProduceResponse, ClientError> {
+        let req = pb::ProduceRequest {
+            topic: topic.into(),
+            partition,
+            records: records.into_iter().map(Record::into_wire).collect(),
+        };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move { c.produce(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: u32,
+    ) -> Result<pb::FetchResponse, ClientError> {
+        let req = pb::FetchRequest { topic: topic.into(), partition, offset, max_records, max_bytes: 0 };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move { c.fetch(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Reads from one specific broker, not any: to check what a given node holds.
+    pub async fn fetch_from(
+        &self,
+        broker: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: u32,
+    ) -> Result<pb::FetchResponse, ClientError> {
+        let ch = self
+            .channel_to(broker)
+            .await
+            .map_err(|e| ClientError::NoBroker { brokers: vec![broker.into()], last: e })?;
+        let req = pb::FetchRequest { topic: topic.into(), partition, offset, max_records, max_bytes: 0 };
+        self.api(ch).fetch(req).await.map(|r| r.into_inner()).map_err(|st| ClientError::from_status(&st))
+    }
+
+    pub async fn list_offsets(&self, topic: &str) -> Result<Vec<pb::PartitionOffsets>, ClientError> {
+        let req = pb::ListOffsetsRequest { topic: topic.into() };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move { c.list_offsets(req).await.map(|r| r.into_inner().partitions) }
+        })
+        .await
+    }
+
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, ClientError> {
+        self.with_retry(|ch| async move {
+            ClusterClient::new(ch).status(pb::ClusterStatusRequest {}).await.map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    /// One node's own view of itself.
+    pub async fn node_status(&self, broker: &str) -> Result<pb::NodeStatus, ClientError> {
+        let ch = self
+            .channel_to(broker)
+            .await
+            .map_err(|e| ClientError::NoBroker { brokers: vec![broker.into()], last: e })?;
+        ClusterClient::new(ch)
+            .local_status(pb::LocalStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|st| ClientError::from_status(&st))
+    }
+
+    pub async fn add_node(&self, id: u64, addr: &str) -> Result<(), ClientError> {
+        let req = pb::AddNodeRequest { id, addr: addr.into() };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            async move {
+                let mut c = ClusterClient::new(ch);
+                let mut r = tonic::Request::new(req);
+                // Adding a node waits for it to catch up: longer than an ordinary request.
+                r.set_timeout(Duration::from_secs(600));
+                c.add_node(r).await.map(|_| ())
+            }
+        })
+        .await
+    }
+
+    pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
+        self.with_retry(|ch| async move {
+            ClusterClient::new(ch).remove_node(pb::RemoveNodeRequest { id }).await.map(|_| ())
+        })
+        .await
+    }
+}

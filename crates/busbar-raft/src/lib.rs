@@ -1,0 +1,18 @@
+//! Busbar's replication layer: the only crate that speaks openraft.
+//!
+//! It adapts the storage crate to openraft's traits ([`log_store::LogStore`] over the WAL,
+//! [`state_machine::StateMachine`] over the sled topic store, with snapshots as streamed files),
+//! carries Raft messages between nodes over tonic ([`network`] is the client side,
+//! [`transport::RaftTransportService`] the server side), and opens a node ([`node::RaftNode`]).
+//! Keeping openraft behind this crate keeps a later move to openraft 0.10 local.
+
+pub mod codec;
+pub mod log_store;
+pub mod network;
+pub mod node;
+pub mod state_machine;
+pub mod transport;
+pub mod types;
+
+pub use node::{RaftConfig, RaftNode};
+pub use types::{BasicNode, LogId, Raft, StoredMembership, TypeConfig};

@@ -1,0 +1,142 @@
+//! openraft's log storage over Busbar's WAL.
+//!
+//! Durability contract (openraft 0.9, storage-v2): the append callback fires only after the WAL's
+//! fdatasync covers the entries; the vote is durable before `save_vote` returns; the purge point is
+//! persisted before entries are dropped; all writes take effect in submission order (the WAL does
+//! truncate/purge/vote only after completing earlier appends).
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use busbar_storage::wal::Wal;
+use bytes::Bytes;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+
+use crate::codec;
+use crate::types::{Entry, LogId, StorageError, StorageIOError, TypeConfig, Vote};
+
+/// Cheap to clone: the clone handed to replication tasks as the log reader shares the WAL.
+#[derive(Clone)]
+pub struct LogStore {
+    wal: Wal,
+}
+
+impl LogStore {
+    pub fn new(wal: Wal) -> Self {
+        Self { wal }
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let Some(last) = self.wal.last_index() else { return Ok(None) };
+        let bytes = self.wal.read(last).map_err(|e| StorageIOError::read_log_at_index(last, &e))?;
+        let Some(bytes) = bytes else { return Ok(None) };
+        let entry: Entry =
+            codec::decode("log entry", &bytes).map_err(|e| StorageIOError::read_log_at_index(last, &e))?;
+        Ok(Some(entry.log_id))
+    }
+
+    fn purged_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        match self.wal.purged() {
+            None => Ok(None),
+            Some((_, meta)) => {
+                Ok(Some(codec::decode("purge point", &meta).map_err(|e| StorageIOError::read_logs(&e))?))
+            }
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(e) => e.saturating_add(1),
+            Bound::Excluded(e) => *e,
+            Bound::Unbounded => u64::MAX,
+        };
+        let raw = self.wal.read_range(start, end).map_err(|e| StorageIOError::read_logs(&e))?;
+        raw.iter()
+            .map(|(i, b)| {
+                codec::decode::<Entry>("log entry", b).map_err(|e| StorageIOError::read_log_at_index(*i, &e).into())
+            })
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id = self.purged_log_id()?;
+        let last_log_id = self.last_log_id()?.or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let bytes = codec::encode("vote", vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.wal.save_vote(Bytes::from(bytes)).map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        match self.wal.vote() {
+            None => Ok(None),
+            Some(b) => Ok(Some(codec::decode("vote", &b).map_err(|e| StorageIOError::read_vote(&e))?)),
+        }
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // An entry at or below the purge point is already covered by the state machine (openraft
+        // purges up to the applied index when the state machine is ahead of the log on startup), so
+        // it is dropped rather than written: the WAL itself only accepts contiguous appends.
+        let purged = self.wal.purged().map(|(i, _)| i);
+        let mut encoded = Vec::new();
+        for entry in entries {
+            if purged.is_some_and(|p| entry.log_id.index <= p) {
+                continue;
+            }
+            let b =
+                codec::encode("log entry", &entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            encoded.push((entry.log_id.index, Bytes::from(b)));
+        }
+        if encoded.is_empty() {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        }
+        // The callback runs on the WAL's syncer thread after the fdatasync covering these entries.
+        self.wal
+            .append(encoded, Box::new(move |res| callback.log_io_completed(res)))
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.wal.truncate(log_id.index).map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let meta = codec::encode("purge point", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.wal.purge(log_id.index, Bytes::from(meta)).map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}

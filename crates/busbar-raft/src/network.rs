@@ -1,0 +1,201 @@
+//! The client side of the Raft transport: openraft's `RaftNetwork` over tonic.
+//!
+//! Raft messages are bincode-encoded openraft types inside `RaftRequest.payload`. Snapshots stream
+//! from their file in bounded chunks, never read whole into memory. A peer that cannot be reached
+//! is reported as `Unreachable`, which makes openraft back off (see [`NetworkConnection::backoff`]).
+
+use std::future::Future;
+use std::time::Duration;
+
+use busbar_proto::raft::raft_transport_client::RaftTransportClient;
+use busbar_proto::raft::{RaftReply, RaftRequest, SnapshotChunk};
+use busbar_types::NodeId;
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::OptionalSend;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::codec;
+use crate::types::{BasicNode, Snapshot, TypeConfig, Vote};
+
+/// Largest message either side of the Raft transport accepts: AppendEntries batches of large
+/// records exceed tonic's 4 MiB default. Bounded so a garbage length cannot exhaust memory.
+pub const MAX_RAFT_MESSAGE: usize = 256 << 20;
+/// Size of one snapshot chunk on the wire.
+pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Builds a channel to a peer. Lazy: it connects on first use and reconnects by itself.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+#[derive(Clone, Default)]
+pub struct NetworkFactory;
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = NetworkConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        NetworkConnection { target, addr: node.addr.clone(), client: None }
+    }
+}
+
+pub struct NetworkConnection {
+    target: NodeId,
+    addr: String,
+    client: Option<RaftTransportClient<Channel>>,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl NetworkConnection {
+    fn client(&mut self) -> Result<RaftTransportClient<Channel>, Unreachable> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let ch = channel(&self.addr).map_err(|e| Unreachable::new(&e))?;
+        let c = RaftTransportClient::new(ch)
+            .max_decoding_message_size(MAX_RAFT_MESSAGE)
+            .max_encoding_message_size(MAX_RAFT_MESSAGE);
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A status from the transport: an unreachable peer gets backoff, anything else is retried.
+    fn status_to_rpc<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, BasicNode, E> {
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown => RPCError::Unreachable(Unreachable::new(&status)),
+            _ => RPCError::Network(NetworkError::new(&status)),
+        }
+    }
+
+    fn decode_reply<T: DeserializeOwned, E: std::error::Error + DeserializeOwned>(
+        &self,
+        reply: RaftReply,
+    ) -> Result<T, RPCError<NodeId, BasicNode, E>> {
+        if !reply.error.is_empty() {
+            let err: E = codec::decode("raft error reply", &reply.error)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            return Err(RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                BasicNode::new(&self.addr),
+                err,
+            )));
+        }
+        codec::decode("raft reply", &reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for NetworkConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let payload = codec::encode("append entries", &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self.client()?;
+        let mut req = tonic::Request::new(RaftRequest { payload });
+        req.set_timeout(option.hard_ttl());
+        let reply = client.append_entries(req).await.map_err(Self::status_to_rpc)?;
+        self.decode_reply::<_, RaftError<NodeId>>(reply.into_inner())
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        let payload = codec::encode("vote", &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut client = self.client()?;
+        let mut req = tonic::Request::new(RaftRequest { payload });
+        req.set_timeout(option.hard_ttl());
+        let reply = client.vote(req).await.map_err(Self::status_to_rpc)?;
+        self.decode_reply::<_, RaftError<NodeId>>(reply.into_inner())
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let net_err = |e: &dyn std::error::Error| NetworkError::new(&AnyErr(e.to_string()));
+        let meta = codec::encode("snapshot meta", &(vote, snapshot.meta.clone())).map_err(|e| net_err(&e))?;
+        let path = snapshot.snapshot.path.clone();
+        let mut file = tokio::fs::File::open(&path).await.map_err(|e| net_err(&e))?;
+        let size = file.metadata().await.map_err(|e| net_err(&e))?.len();
+        let mut client = self.client().map_err(StreamingError::Unreachable)?;
+
+        // A bounded channel: the reader stays at most two chunks ahead of the network.
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(2);
+        let reader = tokio::spawn(async move {
+            if tx.send(SnapshotChunk { meta, data: Vec::new(), done: size == 0 }).await.is_err() {
+                return Ok(());
+            }
+            let mut sent = 0u64;
+            while sent < size {
+                let mut buf = vec![0u8; SNAPSHOT_CHUNK.min((size - sent) as usize)];
+                file.read_exact(&mut buf).await?;
+                sent += buf.len() as u64;
+                if tx.send(SnapshotChunk { meta: Vec::new(), data: buf, done: sent == size }).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        });
+        // Generous but bounded: a minute plus a second per 4 MiB.
+        let deadline = Duration::from_secs(60 + size / (4 << 20));
+        let call = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let reply = tokio::select! {
+            closed = cancel => {
+                reader.abort();
+                return Err(StreamingError::Closed(closed));
+            }
+            r = tokio::time::timeout(deadline, call) => r,
+        };
+        let reply = match reply {
+            Err(elapsed) => return Err(StreamingError::Network(net_err(&elapsed))),
+            Ok(Err(status)) => {
+                return Err(match Self::status_to_rpc::<Fatal<NodeId>>(status) {
+                    RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                    other => StreamingError::Network(net_err(&other)),
+                })
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        if let Ok(Err(e)) = reader.await {
+            return Err(StreamingError::Network(net_err(&e)));
+        }
+        if !reply.error.is_empty() {
+            let fatal: Fatal<NodeId> = codec::decode("snapshot error reply", &reply.error).map_err(|e| net_err(&e))?;
+            return Err(StreamingError::RemoteError(RemoteError::new(self.target, fatal)));
+        }
+        Ok(codec::decode("snapshot reply", &reply.payload).map_err(|e| net_err(&e))?)
+    }
+
+    fn backoff(&self) -> Backoff {
+        // 100 ms doubling to 2 s: a peer that is down costs a few RPCs a second at most, and one that
+        // comes back is found again within two seconds.
+        Backoff::new((0u32..).map(|i| Duration::from_millis(100u64.saturating_mul(1 << i.min(5)).min(2000))))
+    }
+}
+
+/// Carries an error's text where openraft wants an owned `Error`.
+#[derive(Debug)]
+struct AnyErr(String);
+
+impl std::fmt::Display for AnyErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AnyErr {}

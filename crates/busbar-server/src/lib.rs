@@ -1,0 +1,15 @@
+//! A Busbar node: the gRPC services (client API, cluster administration, Raft transport) on one
+//! port, cluster formation (`--peers` / `--join`), and the node's lifecycle up to a graceful stop.
+//!
+//! Entry point: [`server::run`] takes an already-bound listener and a shutdown future, so tests bind
+//! port 0 and stop nodes cleanly; [`server::spawn`] wraps it for in-process clusters.
+
+pub mod api;
+pub mod bootstrap;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod server;
+
+pub use config::{Limits, ServerConfig};
+pub use server::{run, spawn, ServerHandle};

@@ -1,0 +1,51 @@
+//! How a batch of records is stored: one sled value per produced batch, sealed with a crc32 that
+//! is checked on every read.
+
+use busbar_types::Record;
+use serde::{Deserialize, Serialize};
+
+use crate::checked;
+use crate::StoreError;
+
+#[derive(Serialize, Deserialize)]
+struct StoredBatch {
+    /// Largest record timestamp in the batch: retention by time drops whole batches by it.
+    max_timestamp_ms: i64,
+    records: Vec<Record>,
+}
+
+pub fn encode(records: &[Record]) -> Result<Vec<u8>, StoreError> {
+    #[derive(Serialize)]
+    struct StoredBatchRef<'a> {
+        max_timestamp_ms: i64,
+        records: &'a [Record],
+    }
+    let max_timestamp_ms = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
+    checked::seal_bincode("record batch", &StoredBatchRef { max_timestamp_ms, records })
+}
+
+pub fn decode(what: &dyn Fn() -> String, value: &[u8]) -> Result<Vec<Record>, StoreError> {
+    let batch: StoredBatch = checked::open_bincode(what, value)?;
+    Ok(batch.records)
+}
+
+/// Records tree key: `[topic id u32 BE][partition u32 BE][base offset u64 BE]`, so a partition's
+/// batches are contiguous and ordered by offset.
+pub fn key(topic_id: u32, partition: u32, base_offset: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..4].copy_from_slice(&topic_id.to_be_bytes());
+    k[4..8].copy_from_slice(&partition.to_be_bytes());
+    k[8..].copy_from_slice(&base_offset.to_be_bytes());
+    k
+}
+
+pub fn parse_key(k: &[u8]) -> Option<(u32, u32, u64)> {
+    let k: &[u8; 16] = k.try_into().ok()?;
+    let (t, rest) = k.split_at(4);
+    let (p, o) = rest.split_at(4);
+    Some((
+        u32::from_be_bytes(t.try_into().ok()?),
+        u32::from_be_bytes(p.try_into().ok()?),
+        u64::from_be_bytes(o.try_into().ok()?),
+    ))
+}

@@ -1,0 +1,20 @@
+//! Busbar's storage layer: everything that touches disk, and nothing that knows about Raft or gRPC.
+//!
+//! - [`wal`]: the Raft write-ahead log — append-only segment files, crc-framed, group-committed with
+//!   fdatasync. Stores opaque entries; the replication layer decides what they contain.
+//! - [`topic_store`]: the state machine's data in sled — topics, partitions, record batches — and the
+//!   deterministic apply of [`busbar_types::Command`]s to it, plus streamed snapshot export/import.
+//! - [`checked`]: the crc32 envelope every stored value carries.
+//!
+//! `docs/storage.md` says what is durable when; read it before changing a write path.
+
+pub mod batch;
+pub mod checked;
+pub mod durable;
+pub mod error;
+pub mod snapshot_file;
+pub mod topic_store;
+pub mod wal;
+
+pub use error::StoreError;
+pub use topic_store::{FetchResult, PartitionOffsets, TopicInfo, TopicStore, TopicStoreOptions};

@@ -1,0 +1,258 @@
+//! Opening a log directory: read the meta files, scan every segment, cut a torn tail, refuse corruption.
+//!
+//! The one kind of damage that recovery repairs is a torn tail of the LAST segment: a crash (of the process
+//! or the machine) in the middle of an append that was never acknowledged, because acknowledgements wait for
+//! fdatasync. Any other damage may sit under acknowledged entries, so it is reported and the node must not
+//! start (serving or voting from a log that silently lost entries breaks Raft's safety).
+//!
+//! Why a torn tail can only be in the last segment: `append` fdatasyncs a segment before it creates the next
+//! one, so every segment but the last was fully on disk before anything was written after it.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::format::{self, frame_crc, parse_header, FRAME_HEADER, MAX_ENTRY_BYTES, PURGED_FILE, TMP_SUFFIX, VOTE_FILE};
+use super::{Pos, Segment, WalError};
+
+pub(super) struct Recovered {
+    pub segments: VecDeque<Segment>,
+    pub index: VecDeque<Pos>,
+    /// Index of `index[0]`; meaningless while `index` is empty.
+    pub first: u64,
+    pub purged: Option<(u64, Bytes)>,
+    pub vote: Option<Bytes>,
+}
+
+pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
+    let existed = dir.exists();
+    fs::create_dir_all(dir).map_err(WalError::io("create directory", dir))?;
+    if !existed {
+        // The directory entry itself must be durable, or a vote saved into it could vanish with it.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            format::sync_dir(parent)?;
+        }
+    }
+
+    let mut bases: Vec<(u64, PathBuf)> = Vec::new();
+    let mut removed_any = false;
+    for entry in fs::read_dir(dir).map_err(WalError::io("list", dir))? {
+        let entry = entry.map_err(WalError::io("list", dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(base) = format::parse_segment_name(name) {
+            bases.push((base, entry.path()));
+        } else if name.ends_with(TMP_SUFFIX) {
+            // A meta file replacement that crashed before its rename: the old file is still in place.
+            remove(&entry.path())?;
+            removed_any = true;
+        }
+    }
+    bases.sort_unstable_by_key(|(b, _)| *b);
+
+    let vote = format::read_meta(&dir.join(VOTE_FILE))?;
+    let purged_path = dir.join(PURGED_FILE);
+    let purged = format::read_meta(&purged_path)?.map(|p| format::decode_purged(&purged_path, p)).transpose()?;
+    let purged_index = purged.as_ref().map(|(i, _)| *i);
+
+    // Segments wholly at or below the purge point, judged by the next segment's name. `purge` unlinks them
+    // oldest first, but without an fsync of the directory after each unlink a crash can leave any subset;
+    // dropping them by name first keeps such a subset from looking like a gap in the log.
+    if let Some(p) = purged_index {
+        while bases.len() >= 2 && bases[1].0 <= p.saturating_add(1) {
+            let (_, path) = bases.remove(0);
+            remove(&path)?;
+            removed_any = true;
+        }
+    }
+
+    let mut segments = VecDeque::new();
+    let mut index = VecDeque::new();
+    let mut first = None;
+    let mut expected: Option<u64> = None;
+    let count = bases.len();
+    for (i, (base, path)) in bases.into_iter().enumerate() {
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(WalError::io("open", &path))?;
+        let scan = Scan { path: &path, base, is_last: i + 1 == count, purged: purged_index };
+        let found = scan.run(&file, &mut expected, &mut index, &mut first)?;
+        let all_purged = match (found.last_index, purged_index) {
+            (None, _) => true,
+            (Some(last), Some(p)) => last <= p,
+            (Some(_), None) => false,
+        };
+        if all_purged {
+            // Empty (never written, or torn to nothing) or hidden entirely by the purge point. Deleting it
+            // also keeps the invariant that a segment's name is the index of its first frame.
+            drop(file);
+            remove(&path)?;
+            removed_any = true;
+            continue;
+        }
+        segments.push_back(Segment { base, path, file: Arc::new(file), len: found.end });
+    }
+    if removed_any {
+        format::sync_dir(dir)?;
+    }
+
+    if let (Some(p), Some(first), Some(seg)) = (purged_index, first, segments.front()) {
+        if first != p.saturating_add(1) {
+            return Err(WalError::corrupt(
+                &seg.path,
+                0,
+                format!("log resumes at index {first} but the purge point is {p}: entries in between are missing"),
+            ));
+        }
+    }
+
+    Ok(Recovered { segments, index, first: first.unwrap_or(0), purged, vote })
+}
+
+fn remove(path: &Path) -> Result<(), WalError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(WalError::io("remove", path)(e)),
+    }
+}
+
+struct Scan<'a> {
+    path: &'a Path,
+    base: u64,
+    is_last: bool,
+    purged: Option<u64>,
+}
+
+struct Found {
+    /// Byte length of the valid frames (the file is cut to it if its tail was torn).
+    end: u64,
+    last_index: Option<u64>,
+}
+
+/// A frame that cannot be used. Whether that is a torn tail or corruption depends on where it is.
+enum Bad {
+    /// The frame runs past the end of the file.
+    Incomplete,
+    /// The frame's bytes are wrong (checksum, length); `reason` says how.
+    Invalid(String),
+}
+
+impl Scan<'_> {
+    fn run(
+        &self,
+        file: &File,
+        expected: &mut Option<u64>,
+        index: &mut VecDeque<Pos>,
+        first: &mut Option<u64>,
+    ) -> Result<Found, WalError> {
+        let io_err = |op| WalError::io(op, self.path);
+        let file_len = file.metadata().map_err(io_err("stat"))?.len();
+        // Reads stream through a bounded buffer: memory stays at one entry, whatever the segment size.
+        let mut rd = BufReader::with_capacity(1 << 20, file);
+        let mut payload = Vec::new();
+        let mut off = 0u64;
+        let mut last_index = None;
+        loop {
+            if off == file_len {
+                return Ok(Found { end: off, last_index });
+            }
+            let remaining = file_len - off;
+            if remaining < FRAME_HEADER as u64 {
+                return self.bad(file, &mut rd, off, Bad::Incomplete).map(|end| Found { end, last_index });
+            }
+            let mut head = [0u8; FRAME_HEADER];
+            rd.read_exact(&mut head).map_err(io_err("read"))?;
+            let h = parse_header(&head);
+            let len = h.len as usize;
+            if len > MAX_ENTRY_BYTES {
+                let bad = Bad::Invalid(format!("frame length {len} above the limit of {MAX_ENTRY_BYTES}"));
+                return self.bad(file, &mut rd, off, bad).map(|end| Found { end, last_index });
+            }
+            if remaining - (FRAME_HEADER as u64) < len as u64 {
+                return self.bad(file, &mut rd, off, Bad::Incomplete).map(|end| Found { end, last_index });
+            }
+            payload.resize(len, 0);
+            rd.read_exact(&mut payload).map_err(io_err("read"))?;
+            let actual = frame_crc(&head, &payload);
+            if actual != h.crc {
+                let bad = Bad::Invalid(format!("crc32 mismatch: stored {:#010x}, computed {actual:#010x}", h.crc));
+                return self.bad(file, &mut rd, off, bad).map(|end| Found { end, last_index });
+            }
+
+            // A frame with a good checksum at the wrong index cannot come from a torn write: always fatal.
+            let want = expected.unwrap_or(self.base);
+            if last_index.is_none() && h.index != self.base {
+                return Err(WalError::corrupt(
+                    self.path,
+                    off,
+                    format!("first frame holds index {} but the segment is named for {}", h.index, self.base),
+                ));
+            }
+            if h.index != want {
+                return Err(WalError::corrupt(
+                    self.path,
+                    off,
+                    format!("frame holds index {}, expected {want}: the log is not contiguous", h.index),
+                ));
+            }
+            let Some(next) = h.index.checked_add(1) else {
+                return Err(WalError::corrupt(self.path, off, "index u64::MAX cannot be followed"));
+            };
+            if self.purged.is_none_or(|p| h.index > p) {
+                first.get_or_insert(h.index);
+                index.push_back(Pos { offset: off, len: h.len });
+            }
+            *expected = Some(next);
+            last_index = Some(h.index);
+            off += (FRAME_HEADER + len) as u64;
+        }
+    }
+
+    /// Decides what a bad frame at `off` means. Returns the length to cut the file to if it is a torn
+    /// tail; `rd` is positioned just after the part of the frame that was read.
+    fn bad(&self, file: &File, rd: &mut BufReader<&File>, off: u64, bad: Bad) -> Result<u64, WalError> {
+        let torn = self.is_last
+            && match &bad {
+                Bad::Incomplete => true,
+                // A frame torn by a power loss shows up as zeros where its pages never reached the disk.
+                // Any non-zero byte after it means data was written after the bad frame, and that data may
+                // be acknowledged: then the frame is damage inside the log, not its torn end.
+                Bad::Invalid(_) => rest_is_zero(rd).map_err(WalError::io("read", self.path))?,
+            };
+        let reason = match bad {
+            Bad::Incomplete => "frame runs past the end of the file".to_string(),
+            Bad::Invalid(r) => r,
+        };
+        if !torn {
+            let where_ = if self.is_last { "followed by non-zero data" } else { "in a segment that is not the last" };
+            return Err(WalError::corrupt(self.path, off, format!("{reason}, {where_}")));
+        }
+        let file_len = file.metadata().map_err(WalError::io("stat", self.path))?.len();
+        tracing::warn!(
+            file = %self.path.display(),
+            offset = off,
+            dropped_bytes = file_len.saturating_sub(off),
+            %reason,
+            "wal: cutting the torn tail of the last segment (an append that was never acknowledged)"
+        );
+        file.set_len(off).map_err(WalError::io("truncate", self.path))?;
+        file.sync_data().map_err(WalError::io("fsync", self.path))?;
+        Ok(off)
+    }
+}
+
+fn rest_is_zero(rd: &mut impl Read) -> io::Result<bool> {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = rd.read(&mut buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Command-line surface. Flag names are a contract: tests, tools and manifests depend on them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use busbar_server::{Limits, ServerConfig};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cluster_cmd;
+
+#[derive(Parser, Debug)]
+#[command(name = "busbar", version, about = "Busbar: a replicated, partitioned message bus")]
+pub struct Cli {
+    /// Brokers to contact (HOST:PORT, comma-separated); tried in order until one answers.
+    #[arg(long, global = true, env = "BUSBAR_BROKERS", default_value = "127.0.0.1:9501", value_delimiter = ',')]
+    pub brokers: Vec<String>,
+    /// Output format: text for people, json for one object per line.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Log format for the server.
+    #[arg(long, global = true, value_enum, env = "BUSBAR_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node.
+    Server(ServerArgs),
+    /// Inspect and change the cluster's membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Every node: id, address, role, term, last log index, applied index, reachable or not.
+    Status,
+    /// Add a node (learner, caught up, then voter).
+    AddNode { id: u64, addr: String },
+    /// Remove a node from the membership.
+    RemoveNode { id: u64 },
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// This node's id: unique in the cluster, never reused for another node.
+    #[arg(long, env = "BUSBAR_ID", default_value_t = 1)]
+    pub id: u64,
+    /// Address to listen on for clients and peers.
+    #[arg(long, env = "BUSBAR_LISTEN", default_value = "127.0.0.1:9501")]
+    pub listen: SocketAddr,
+    /// Address peers and clients use to reach this node, when it differs from --listen.
+    #[arg(long, env = "BUSBAR_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Where this node keeps its Raft log, state and snapshots.
+    #[arg(long, env = "BUSBAR_DATA_DIR", default_value = "./busbar-data")]
+    pub data_dir: PathBuf,
+    /// The initial voters, this node included: 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT.
+    #[arg(long, env = "BUSBAR_PEERS", conflicts_with = "join")]
+    pub peers: Option<String>,
+    /// Join a running cluster through this node (HOST:PORT of any member).
+    #[arg(long, env = "BUSBAR_JOIN")]
+    pub join: Option<String>,
+    /// Leader heartbeat interval.
+    #[arg(long, env = "BUSBAR_HEARTBEAT_MS", default_value_t = 250)]
+    pub heartbeat_ms: u64,
+    /// Election timeout, lower bound (a follower waits a random time in [min, max) without a
+    /// heartbeat before it stands for election).
+    #[arg(long, env = "BUSBAR_ELECTION_TIMEOUT_MIN_MS", default_value_t = 1000)]
+    pub election_timeout_min_ms: u64,
+    #[arg(long, env = "BUSBAR_ELECTION_TIMEOUT_MAX_MS", default_value_t = 2000)]
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied log entries.
+    #[arg(long, env = "BUSBAR_SNAPSHOT_EVERY", default_value_t = 20_000)]
+    pub snapshot_every: u64,
+    /// Log entries kept below a snapshot (lagging followers catch up from them).
+    #[arg(long, env = "BUSBAR_LOGS_TO_KEEP", default_value_t = 5_000)]
+    pub logs_to_keep: u64,
+    /// Largest record accepted, in bytes.
+    #[arg(long, env = "BUSBAR_MAX_RECORD_BYTES", default_value_t = 1 << 20)]
+    pub max_record_bytes: usize,
+    /// Largest produce batch accepted, in bytes.
+    #[arg(long, env = "BUSBAR_MAX_BATCH_BYTES", default_value_t = 1 << 20)]
+    pub max_batch_bytes: usize,
+    /// How long a write waits for commit before it is reported as indeterminate.
+    #[arg(long, env = "BUSBAR_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+}
+
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BUSBAR_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn,hyper=warn")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Parses `1=HOST:PORT,2=HOST:PORT`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').with_context(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("peer id {id:?} is not a number"))?;
+        let addr = addr.trim();
+        if !addr.contains(':') {
+            bail!("peer {id} address {addr:?} is not HOST:PORT");
+        }
+        if peers.insert(id, addr.to_string()).is_some() {
+            bail!("peer id {id} appears twice in --peers");
+        }
+    }
+    Ok(peers)
+}
+
+fn server_config(a: ServerArgs) -> anyhow::Result<ServerConfig> {
+    let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
+    let mut cfg = ServerConfig::single_node(a.id, a.listen, a.data_dir.clone());
+    cfg.advertise = advertise.clone();
+    cfg.join = a.join.clone();
+    cfg.peers = match (&a.peers, &a.join) {
+        (Some(p), _) => {
+            let peers = parse_peers(p)?;
+            match peers.get(&a.id) {
+                None => bail!("--peers must include this node's own id {}", a.id),
+                Some(addr) if *addr != advertise => {
+                    bail!("--peers gives node {} the address {addr}, but this node advertises {advertise} (set --advertise)", a.id)
+                }
+                Some(_) => peers,
+            }
+        }
+        (None, Some(_)) => BTreeMap::new(),
+        (None, None) => BTreeMap::from([(a.id, advertise)]),
+    };
+    if a.election_timeout_min_ms <= a.heartbeat_ms || a.election_timeout_max_ms <= a.election_timeout_min_ms {
+        bail!("need heartbeat-ms < election-timeout-min-ms < election-timeout-max-ms");
+    }
+    cfg.raft.heartbeat_ms = a.heartbeat_ms;
+    cfg.raft.election_timeout_min_ms = a.election_timeout_min_ms;
+    cfg.raft.election_timeout_max_ms = a.election_timeout_max_ms;
+    cfg.raft.snapshot_every = a.snapshot_every.max(1);
+    cfg.raft.logs_to_keep = a.logs_to_keep;
+    cfg.limits = Limits {
+        max_record_bytes: a.max_record_bytes,
+        max_batch_bytes: a.max_batch_bytes,
+        write_timeout: std::time::Duration::from_millis(a.write_timeout_ms),
+        max_request_bytes: a.max_batch_bytes.saturating_mul(2).max(4 << 20),
+        ..Limits::default()
+    };
+    Ok(cfg)
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Server(args) => {
+            let cfg = server_config(args)?;
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+            let listener =
+                tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+            busbar_server::run(cfg, listener, shutdown_signal()).await?;
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Command::Cluster(cmd) => cluster_cmd::run(&cli.brokers, cli.output, cmd).await,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => tracing::info!("SIGTERM received"),
+                _ = i.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject() {
+        let p = parse_peers("1=a:1, 2=b:2,3=c:3").unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[&2], "b:2");
+        assert!(parse_peers("1=a:1,1=b:2").is_err());
+        assert!(parse_peers("x=a:1").is_err());
+        assert!(parse_peers("1=nohostport").is_err());
+        assert!(parse_peers("1").is_err());
+    }
+}
