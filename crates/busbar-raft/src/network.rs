@@ -4,7 +4,9 @@
 //! from their file in bounded chunks, never read whole into memory. A peer that cannot be reached
 //! is reported as `Unreachable`, which makes openraft back off (see [`NetworkConnection::backoff`]).
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use busbar_proto::raft::raft_transport_client::RaftTransportClient;
@@ -40,27 +42,80 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
+/// A table of cut links between nodes, shared by the nodes of an in-process cluster, so tests can
+/// partition real nodes: a message from `a` to `b` is dropped (reported as unreachable) while the
+/// link `(a, b)` is cut. Production nodes carry none.
+#[derive(Clone, Default, Debug)]
+pub struct Partitions(Arc<RwLock<HashSet<(NodeId, NodeId)>>>);
+
+impl Partitions {
+    /// Cuts every link between `node` and each of `others`, both ways.
+    pub fn isolate(&self, node: NodeId, others: impl IntoIterator<Item = NodeId>) {
+        if let Ok(mut cut) = self.0.write() {
+            for o in others {
+                cut.insert((node, o));
+                cut.insert((o, node));
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        if let Ok(mut cut) = self.0.write() {
+            cut.clear();
+        }
+    }
+
+    pub fn is_cut(&self, from: NodeId, to: NodeId) -> bool {
+        self.0.read().map(|c| c.contains(&(from, to))).unwrap_or(false)
+    }
+}
+
 #[derive(Clone, Default)]
-pub struct NetworkFactory;
+pub struct NetworkFactory {
+    from: NodeId,
+    partitions: Option<Partitions>,
+}
+
+impl NetworkFactory {
+    pub fn new(from: NodeId, partitions: Option<Partitions>) -> Self {
+        Self { from, partitions }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = NetworkConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        NetworkConnection { target, addr: node.addr.clone(), client: None }
+        NetworkConnection {
+            from: self.from,
+            target,
+            addr: node.addr.clone(),
+            client: None,
+            partitions: self.partitions.clone(),
+        }
     }
 }
 
 pub struct NetworkConnection {
+    from: NodeId,
     target: NodeId,
     addr: String,
     client: Option<RaftTransportClient<Channel>>,
+    partitions: Option<Partitions>,
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("link {0} -> {1} is cut (test partition)")]
+struct LinkCut(NodeId, NodeId);
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl NetworkConnection {
     fn client(&mut self) -> Result<RaftTransportClient<Channel>, Unreachable> {
+        if self.partitions.as_ref().is_some_and(|p| p.is_cut(self.from, self.target)) {
+            return Err(Unreachable::new(&LinkCut(self.from, self.target)));
+        }
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }

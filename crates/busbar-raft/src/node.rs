@@ -10,7 +10,7 @@ use busbar_types::NodeId;
 use openraft::{Config, SnapshotPolicy};
 
 use crate::log_store::LogStore;
-use crate::network::NetworkFactory;
+use crate::network::{NetworkFactory, Partitions};
 use crate::state_machine::{SnapshotDir, StateMachine};
 use crate::types::Raft;
 
@@ -29,6 +29,8 @@ pub struct RaftConfig {
     pub max_entries_per_append: u64,
     pub wal_segment_bytes: u64,
     pub sled_cache_bytes: u64,
+    /// Test hook: links cut between in-process nodes. `None` in production.
+    pub partitions: Option<Partitions>,
 }
 
 impl Default for RaftConfig {
@@ -42,6 +44,7 @@ impl Default for RaftConfig {
             max_entries_per_append: 64,
             wal_segment_bytes: 64 << 20,
             sled_cache_bytes: 64 << 20,
+            partitions: None,
         }
     }
 }
@@ -74,12 +77,11 @@ impl RaftNode {
     /// Opens (recovering) the node's storage under `data_dir` and starts openraft. A corrupt WAL or
     /// store makes this fail with an error naming the file: the node must not start.
     pub async fn open(id: NodeId, data_dir: &Path, cfg: &RaftConfig) -> Result<Self, NodeError> {
-        let wal = Wal::open(
-            &data_dir.join("raft-log"),
-            WalOptions { segment_bytes: cfg.wal_segment_bytes, ..WalOptions::default() },
-        )?;
+        // sled locks its files exclusively: opening it first makes a second process on the same
+        // data dir fail here, before it could run WAL recovery under a live node.
         let store =
             TopicStore::open(&data_dir.join("state"), &TopicStoreOptions { cache_bytes: cfg.sled_cache_bytes })?;
+        let wal = Wal::open(&data_dir.join("raft-log"), WalOptions { segment_bytes: cfg.wal_segment_bytes })?;
         let snapshots = SnapshotDir::open(&data_dir.join("snapshots"))?;
         let sm = StateMachine::open(store.clone(), snapshots.clone())?;
         let config = Config {
@@ -96,7 +98,14 @@ impl RaftNode {
             ..Config::default()
         }
         .validate()?;
-        let raft = Raft::new(id, Arc::new(config), NetworkFactory, LogStore::new(wal.clone()), sm).await?;
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            NetworkFactory::new(id, cfg.partitions.clone()),
+            LogStore::new(wal.clone()),
+            sm,
+        )
+        .await?;
         Ok(Self { id, raft, store, wal, snapshots })
     }
 

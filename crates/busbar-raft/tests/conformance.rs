@@ -16,7 +16,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
         // Small segments so the suite's appends, truncations and purges cross segment boundaries.
-        let wal = Wal::open(&dir.path().join("log"), WalOptions { segment_bytes: 512, ..WalOptions::default() })
+        let wal = Wal::open(&dir.path().join("log"), WalOptions { segment_bytes: 512 })
             .map_err(|e| StorageIOError::write_logs(&e))?;
         let store = TopicStore::open(&dir.path().join("sm"), &TopicStoreOptions::default())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
@@ -28,6 +28,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // openraft's StorageError, as the suite returns it
 fn openraft_storage_suite() -> Result<(), StorageError<u64>> {
     let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
     Suite::test_all(Builder)

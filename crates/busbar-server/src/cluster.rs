@@ -7,9 +7,12 @@ use busbar_proto::v1 as pb;
 use busbar_proto::v1::cluster_client::ClusterClient;
 use busbar_proto::v1::cluster_server::Cluster;
 use busbar_raft::types::RaftMetrics;
+use busbar_raft::types::{ClientWriteError, RaftError};
+use busbar_raft::TypeConfig;
 use busbar_raft::{BasicNode, RaftNode};
 use busbar_types::{ErrorCode, NodeId};
-use openraft::error::ForwardToLeader;
+use openraft::error::{ChangeMembershipError, ForwardToLeader};
+use openraft::raft::ClientWriteResponse;
 use openraft::{ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
 
@@ -68,6 +71,28 @@ pub fn local_status(m: &RaftMetrics, addr: &str) -> pb::NodeStatus {
         reachable: true,
         initialized: m.last_log_index.is_some() || m.vote.leader_id().term > 0,
         voter: membership.voter_ids().any(|v| v == m.id),
+    }
+}
+
+/// Runs a membership change, waiting its turn: openraft refuses a change while another is still in
+/// its joint phase, and two operators (or two joining nodes) may well ask at once. The caller bounds
+/// the total time with a timeout.
+async fn one_change_at_a_time<F, Fut>(
+    mut change: F,
+) -> Result<ClientWriteResponse<TypeConfig>, RaftError<ClientWriteError>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<ClientWriteResponse<TypeConfig>, RaftError<ClientWriteError>>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match change().await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -155,7 +180,9 @@ impl Cluster for ClusterService {
         let timeout = self.limits.add_node_timeout;
         // Learner first, blocking until it has caught up, then promotion: the new voter never
         // counts towards a quorum before it holds the log.
-        let added = tokio::time::timeout(timeout, raft.add_learner(req.id, BasicNode::new(&req.addr), true)).await;
+        let node = BasicNode::new(&req.addr);
+        let added =
+            tokio::time::timeout(timeout, one_change_at_a_time(|| raft.add_learner(req.id, node.clone(), true))).await;
         match added {
             Err(_) => {
                 return Err(api(
@@ -168,7 +195,9 @@ impl Cluster for ClusterService {
         }
         let promoted = tokio::time::timeout(
             self.limits.write_timeout,
-            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), false),
+            one_change_at_a_time(|| {
+                raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.id])), false)
+            }),
         )
         .await;
         match promoted {
@@ -207,8 +236,11 @@ impl Cluster for ClusterService {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
-        let res =
-            tokio::time::timeout(self.limits.write_timeout, self.node.raft.change_membership(change, false)).await;
+        let res = tokio::time::timeout(
+            self.limits.write_timeout,
+            one_change_at_a_time(|| self.node.raft.change_membership(change.clone(), false)),
+        )
+        .await;
         match res {
             Err(_) => {
                 Err(api(ErrorCode::Indeterminate, format!("removing node {id} timed out; it may have been removed")))

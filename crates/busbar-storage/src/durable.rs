@@ -14,13 +14,13 @@ use crate::StoreError;
 pub fn fsync_tree(dir: &Path) -> Result<(), StoreError> {
     let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
     for entry in entries {
-        let entry = entry.map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
+        let Ok(entry) = entry else { continue };
         let path = entry.path();
-        let ft = entry.file_type().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
+        let Ok(ft) = entry.file_type() else { continue };
         if ft.is_dir() {
             fsync_tree(&path)?;
         } else if ft.is_file() {
-            fsync_path(&path)?;
+            fsync_if_present(&path)?;
         }
     }
     fsync_path(dir)
@@ -30,4 +30,14 @@ pub fn fsync_tree(dir: &Path) -> Result<(), StoreError> {
 pub fn fsync_path(path: &Path) -> Result<(), StoreError> {
     let f = File::open(path).map_err(|e| StoreError::io(format!("open {} for fsync", path.display()), e))?;
     f.sync_all().map_err(|e| StoreError::io(format!("fsync {}", path.display()), e))
+}
+
+/// Like [`fsync_path`], for a file sled may delete at any moment (a blob of a value that was
+/// replaced or removed): one that is gone has nothing left to make durable.
+fn fsync_if_present(path: &Path) -> Result<(), StoreError> {
+    match File::open(path) {
+        Ok(f) => f.sync_all().map_err(|e| StoreError::io(format!("fsync {}", path.display()), e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(format!("open {} for fsync", path.display()), e)),
+    }
 }

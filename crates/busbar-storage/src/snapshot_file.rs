@@ -82,7 +82,7 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// The next frame; a clean end of input before the End frame is reported by the caller.
-    pub fn next(&mut self) -> Result<Option<(FrameKind, Vec<u8>)>, StoreError> {
+    pub fn next_frame(&mut self) -> Result<Option<(FrameKind, Vec<u8>)>, StoreError> {
         let mut head = [0u8; 9];
         match read_full(&mut self.r, &mut head) {
             Ok(0) => return Ok(None),

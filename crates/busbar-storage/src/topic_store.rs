@@ -590,7 +590,7 @@ fn apply_one(
 fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<(), StoreError> {
     const FLUSH_EVERY: usize = 1024;
     let mut reader = FrameReader::new(r, what)?;
-    let header: SnapshotHeader = match reader.next()? {
+    let header: SnapshotHeader = match reader.next_frame()? {
         Some((FrameKind::Header, body)) => {
             bincode::deserialize(&body).map_err(|e| reader.bad(format!("header: {e}")))?
         }
@@ -613,7 +613,7 @@ fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<(), St
     let mut pending = 0;
     let mut count = 0u64;
     loop {
-        match reader.next()? {
+        match reader.next_frame()? {
             Some((FrameKind::Batch, body)) => {
                 if body.len() < 16 {
                     return Err(reader.bad("batch frame shorter than its key".into()));
