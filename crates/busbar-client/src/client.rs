@@ -89,7 +89,7 @@ impl Client {
         &self.brokers
     }
 
-    async fn channel_to(&self, addr: &str) -> Result<Channel, String> {
+    pub(crate) async fn channel_to(&self, addr: &str) -> Result<Channel, String> {
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("{addr}: {e}"))?
             .connect_timeout(self.opts.connect_timeout)
@@ -103,7 +103,7 @@ impl Client {
     }
 
     /// The first broker that accepts a connection.
-    async fn channel_any(&self) -> Result<(String, Channel), ClientError> {
+    pub(crate) async fn channel_any(&self) -> Result<(String, Channel), ClientError> {
         let mut last = String::new();
         for b in &self.brokers {
             match self.channel_to(b).await {
@@ -117,7 +117,7 @@ impl Client {
     /// Runs `call` against a broker, retrying on another broker or the named leader when the
     /// answer says so. `call` must be safe to repeat (reads, and writes the server deduplicates or
     /// that fail definitely).
-    async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    pub(crate) async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
@@ -173,7 +173,7 @@ impl Client {
         Err(last)
     }
 
-    fn api(&self, ch: Channel) -> BusbarClient<Channel> {
+    pub(crate) fn api(&self, ch: Channel) -> BusbarClient<Channel> {
         BusbarClient::new(ch)
             .max_decoding_message_size(self.opts.max_message_bytes)
             .max_encoding_message_size(self.opts.max_message_bytes)
@@ -219,9 +219,82 @@ impl Client {
     ) -> Result<pb::ProduceResponse, ClientError> {
         let req = pb::ProduceRequest {
             topic: topic.into(),
-            partition,
+            partition: Some(partition),
             records: records.into_iter().map(Record::into_wire).collect(),
+            producer_id: 0,
+            sequence: 0,
         };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move { c.produce(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Like [`Client::fetch`], but when no record is at `offset` yet, waits up to `max_wait` for one
+    /// (long poll) and returns as soon as data arrives.
+    pub async fn fetch_wait(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: u32,
+        max_wait: Duration,
+    ) -> Result<pb::FetchResponse, ClientError> {
+        let wait_ms = u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX);
+        let req = pb::FetchRequest {
+            topic: topic.into(),
+            partition,
+            offset,
+            max_records,
+            max_bytes: 0,
+            max_wait_ms: wait_ms,
+        };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move {
+                let mut r = tonic::Request::new(req);
+                // The server may hold a long poll up to max_wait: allow for it beyond the usual bound.
+                r.set_timeout(max_wait + Duration::from_secs(10));
+                c.fetch(r).await.map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    pub async fn describe_topic(&self, name: &str) -> Result<pb::DescribeTopicResponse, ClientError> {
+        let req = pb::DescribeTopicRequest { name: name.into() };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move { c.describe_topic(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// The cluster's nodes and leader.
+    pub async fn metadata(&self) -> Result<pb::MetadataResponse, ClientError> {
+        self.with_retry(|ch| {
+            let mut c = self.api(ch);
+            async move { c.metadata(pb::MetadataRequest {}).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// A new producer id for idempotent produce requests.
+    pub async fn init_producer_id(&self) -> Result<u64, ClientError> {
+        self.with_retry(|ch| {
+            let mut c = self.api(ch);
+            async move { c.init_producer_id(pb::InitProducerIdRequest {}).await.map(|r| r.into_inner().producer_id) }
+        })
+        .await
+    }
+
+    /// Sends one produce request as given (partition, producer id and sequence included),
+    /// following leader redirects.
+    pub async fn produce_request(&self, req: pb::ProduceRequest) -> Result<pb::ProduceResponse, ClientError> {
         self.with_retry(|ch| {
             let req = req.clone();
             let mut c = self.api(ch);
@@ -237,7 +310,8 @@ impl Client {
         offset: u64,
         max_records: u32,
     ) -> Result<pb::FetchResponse, ClientError> {
-        let req = pb::FetchRequest { topic: topic.into(), partition, offset, max_records, max_bytes: 0 };
+        let req =
+            pb::FetchRequest { topic: topic.into(), partition, offset, max_records, max_bytes: 0, max_wait_ms: 0 };
         self.with_retry(|ch| {
             let req = req.clone();
             let mut c = self.api(ch);
@@ -259,7 +333,8 @@ impl Client {
             .channel_to(broker)
             .await
             .map_err(|e| ClientError::NoBroker { brokers: vec![broker.into()], last: e })?;
-        let req = pb::FetchRequest { topic: topic.into(), partition, offset, max_records, max_bytes: 0 };
+        let req =
+            pb::FetchRequest { topic: topic.into(), partition, offset, max_records, max_bytes: 0, max_wait_ms: 0 };
         self.api(ch).fetch(req).await.map(|r| r.into_inner()).map_err(|st| ClientError::from_status(&st))
     }
 

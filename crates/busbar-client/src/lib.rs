@@ -17,7 +17,8 @@ mod client;
 mod error;
 
 pub use busbar_proto::v1::{
-    ClusterStatusResponse, ConsumedRecord, FetchResponse, NodeRole, NodeStatus, PartitionOffsets, ProduceResponse,
+    ClusterStatusResponse, ConsumedRecord, DescribeTopicResponse, FetchResponse, MetadataResponse, NodeRole,
+    NodeStatus, PartitionOffsets, ProduceRequest, ProduceResponse, TopicInfo,
 };
 pub use client::{Client, ClientOptions, Record};
 pub use error::{codes, ClientError};

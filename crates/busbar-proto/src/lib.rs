@@ -1,5 +1,8 @@
-//! Code generated from the `.proto` files in the repository's `proto/` folder. Nothing hand-written
-//! lives here: conversions between wire and domain types belong to the crates that use both.
+//! Code generated from the `.proto` files in the repository's `proto/` folder, plus [`partition`]:
+//! the key-to-partition rule, which is part of the wire contract. Conversions between wire and
+//! domain types belong to the crates that use both.
+
+pub mod partition;
 
 /// The public API (`busbar.v1`).
 pub mod v1 {

@@ -71,6 +71,8 @@ pub struct RaftNode {
     pub store: TopicStore,
     pub wal: Wal,
     pub snapshots: SnapshotDir,
+    /// The last applied index; changes when data commits (long polls and subscriptions wait on it).
+    pub applied: tokio::sync::watch::Receiver<u64>,
 }
 
 impl RaftNode {
@@ -84,6 +86,7 @@ impl RaftNode {
         let wal = Wal::open(&data_dir.join("raft-log"), WalOptions { segment_bytes: cfg.wal_segment_bytes })?;
         let snapshots = SnapshotDir::open(&data_dir.join("snapshots"))?;
         let sm = StateMachine::open(store.clone(), snapshots.clone())?;
+        let applied = sm.subscribe_applied();
         let config = Config {
             cluster_name: "busbar".into(),
             heartbeat_interval: cfg.heartbeat_ms,
@@ -106,7 +109,7 @@ impl RaftNode {
             sm,
         )
         .await?;
-        Ok(Self { id, raft, store, wal, snapshots })
+        Ok(Self { id, raft, store, wal, snapshots, applied })
     }
 
     /// Deletes unreachable data (deleted topics, replaced generations) in bounded steps until

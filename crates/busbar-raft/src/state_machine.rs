@@ -128,6 +128,8 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 pub struct StateMachine {
     store: TopicStore,
     snapshots: SnapshotDir,
+    /// Publishes the last applied index, so long polls and subscriptions wake when data commits.
+    applied_tx: tokio::sync::watch::Sender<u64>,
     /// Last membership applied; kept here because membership entries carry no command.
     membership: StoredMembership,
     last_applied: Option<LogId>,
@@ -136,7 +138,13 @@ pub struct StateMachine {
 impl StateMachine {
     pub fn open(store: TopicStore, snapshots: SnapshotDir) -> Result<Self, StorageError> {
         let applied = decode_applied(store.applied().map_err(|e| StorageIOError::read_state_machine(&e))?.as_ref())?;
-        Ok(Self { store, snapshots, membership: applied.membership, last_applied: applied.last_applied })
+        let (applied_tx, _) = tokio::sync::watch::channel(applied.last_applied.map(|l| l.index).unwrap_or(0));
+        Ok(Self { store, snapshots, applied_tx, membership: applied.membership, last_applied: applied.last_applied })
+    }
+
+    /// Changes whenever entries are applied or a snapshot is installed; holds the last applied index.
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
     }
 
     pub fn store(&self) -> &TopicStore {
@@ -217,6 +225,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.store.apply(&commands, Bytes::from(applied_bytes)).map_err(|e| StorageIOError::apply(last, &e))?;
         self.membership = membership;
         self.last_applied = Some(last);
+        self.applied_tx.send_replace(last.index);
         Ok(responses)
     }
 
@@ -240,6 +249,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let applied = installed.map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         self.membership = applied.membership;
         self.last_applied = applied.last_applied;
+        self.applied_tx.send_replace(self.last_applied.map(|l| l.index).unwrap_or(0));
         Ok(())
     }
 

@@ -1,47 +1,160 @@
-//! The public client API (`busbar.v1.Busbar`): topics, produce, fetch, offsets.
+//! The public client API (`busbar.v1.Busbar`): topics, produce (unary and streamed), fetch with long
+//! poll, subscribe, offsets, cluster metadata.
 //!
 //! Writes go through Raft on the leader; a follower answers NOT_LEADER with the leader's address.
 //! Reads are served by any node from its applied state, which only ever holds committed entries.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use busbar_proto::v1 as pb;
 use busbar_proto::v1::busbar_server::Busbar;
+use busbar_raft::types::ClientWriteError;
 use busbar_raft::RaftNode;
-use busbar_types::{Command, CommandResponse, ErrorCode, Header, Record, TopicName};
+use busbar_storage::FetchResult;
+use busbar_types::{ApiError, Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, TopicName};
 use bytes::Bytes;
-use tonic::{Request, Response, Status};
+use futures::Stream;
+use openraft::ServerState;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::error::{self, api};
 
+/// Batches of one produce stream that may await their commit at once.
+const STREAM_IN_FLIGHT: usize = 64;
+/// Longest long poll a fetch may ask for.
+const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
+/// Messages a subscription may have queued for a slow reader before it waits.
+const SUBSCRIBE_QUEUE: usize = 4;
+
+#[derive(Clone)]
 pub struct BusbarService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     node: RaftNode,
     limits: Limits,
+    /// Spreads keyless batches that name no partition over the partitions.
+    next_keyless: AtomicU32,
 }
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl BusbarService {
     pub fn new(node: RaftNode, limits: Limits) -> Self {
-        Self { node, limits }
+        Self { inner: Arc::new(Inner { node, limits, next_keyless: AtomicU32::new(0) }) }
     }
+}
 
+impl Inner {
     /// Proposes a command and waits for it to be committed and applied, within the write timeout.
     async fn write(&self, cmd: Command) -> Result<CommandResponse, Status> {
-        let res = tokio::time::timeout(self.limits.write_timeout, self.node.raft.client_write(cmd)).await;
-        match res {
+        let rx =
+            self.node.raft.client_write_ff(cmd).await.map_err(|f| {
+                error::status(ApiError::new(ErrorCode::ShuttingDown, format!("raft is not running: {f}")))
+            })?;
+        self.await_write(rx).await
+    }
+
+    /// Waits for a proposed command's outcome. A timeout or a lost responder is indeterminate: the
+    /// entry may still commit.
+    async fn await_write<R, E>(&self, rx: R) -> Result<CommandResponse, Status>
+    where
+        R: std::future::Future<
+            Output = Result<Result<openraft::raft::ClientWriteResponse<busbar_raft::TypeConfig>, ClientWriteError>, E>,
+        >,
+    {
+        let timeout = self.limits.write_timeout;
+        match tokio::time::timeout(timeout, rx).await {
             Err(_) => Err(api(
                 ErrorCode::Indeterminate,
                 format!(
-                    "no commit within {:?}: the write may or may not have been committed (leader change or lost quorum)",
-                    self.limits.write_timeout
+                    "no commit within {timeout:?}: the write may or may not have been committed (leader change or lost quorum)"
                 ),
             )),
-            Ok(Err(e)) => Err(error::status(error::from_write(e))),
-            Ok(Ok(resp)) => match resp.data {
+            Ok(Err(_)) => Err(api(
+                ErrorCode::Indeterminate,
+                "the leader stopped before answering: the write may or may not have been committed",
+            )),
+            Ok(Ok(Err(e))) => Err(error::status(error::from_write(openraft::error::RaftError::APIError(e)))),
+            Ok(Ok(Ok(resp))) => match resp.data {
                 CommandResponse::Rejected { code, message } => Err(api(code, message)),
                 other => Ok(other),
             },
         }
+    }
+
+    /// Checks a produce request and turns it into a command.
+    fn produce_command(&self, req: pb::ProduceRequest) -> Result<(u32, Command), Status> {
+        let topic = topic_name(&req.topic)?;
+        let records = records_from_wire(req.records, &self.limits)?;
+        let partition = match req.partition {
+            Some(p) => p,
+            None => self.choose_partition(&topic, &records)?,
+        };
+        let producer =
+            (req.producer_id != 0).then_some(ProducerSeq { producer_id: req.producer_id, sequence: req.sequence });
+        Ok((partition, Command::Produce { topic, partition, records, producer }))
+    }
+
+    /// The partition of a batch that names none: its keys' partition (murmur2, as Kafka), which all
+    /// keyed records must share; a batch without keys goes to the next partition in turn.
+    fn choose_partition(&self, topic: &TopicName, records: &[Record]) -> Result<u32, Status> {
+        let info = self
+            .node
+            .store
+            .topic(topic.as_str())
+            .map_err(|e| error::status(error::from_store(e)))?
+            .ok_or_else(|| api(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {topic}")))?;
+        let mut chosen = None;
+        for r in records {
+            if let Some(k) = &r.key {
+                let p = busbar_proto::partition::for_key(k, info.partitions);
+                match chosen {
+                    None => chosen = Some(p),
+                    Some(c) if c != p => {
+                        return Err(api(
+                            ErrorCode::InvalidRequest,
+                            format!(
+                                "the batch's keys map to partitions {c} and {p}: a batch goes to one partition; \
+                                 split it by key or name the partition"
+                            ),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(chosen.unwrap_or_else(|| self.next_keyless.fetch_add(1, Ordering::Relaxed) % info.partitions.max(1)))
+    }
+
+    async fn read(
+        &self,
+        topic: String,
+        partition: u32,
+        offset: u64,
+        max_records: u32,
+        max_bytes: u32,
+    ) -> Result<FetchResult, Status> {
+        let max_records = match max_records {
+            0 => 1000,
+            n => n.min(self.limits.max_fetch_records),
+        } as usize;
+        let max_bytes = match max_bytes {
+            0 => 1 << 20,
+            n => n.min(self.limits.max_fetch_bytes),
+        } as usize;
+        let store = self.node.store.clone();
+        let res = tokio::task::spawn_blocking(move || store.read(&topic, partition, offset, max_records, max_bytes))
+            .await
+            .map_err(|e| api(ErrorCode::UnknownServerError, format!("read task failed: {e}")))?;
+        res.map_err(|e| error::status(error::from_store(e)))
     }
 }
 
@@ -73,6 +186,12 @@ fn records_from_wire(records: Vec<pb::Record>, limits: &Limits) -> Result<Vec<Re
     let mut total = 0usize;
     let mut out = Vec::with_capacity(records.len());
     for (i, r) in records.into_iter().enumerate() {
+        if r.timestamp_ms < 0 {
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                format!("record {i} has a negative timestamp {}", r.timestamp_ms),
+            ));
+        }
         let rec = Record {
             key: r.key.map(Bytes::from),
             value: Bytes::from(r.value),
@@ -113,8 +232,36 @@ fn record_to_wire(offset: u64, r: Record) -> pb::ConsumedRecord {
     }
 }
 
+fn fetch_to_wire(r: FetchResult) -> pb::FetchResponse {
+    pb::FetchResponse {
+        records: r.records.into_iter().map(|(o, rec)| record_to_wire(o, rec)).collect(),
+        start_offset: r.start_offset,
+        end_offset: r.end_offset,
+    }
+}
+
 fn unexpected(resp: CommandResponse) -> Status {
     api(ErrorCode::UnknownServerError, format!("unexpected response from the state machine: {resp:?}"))
+}
+
+fn produced(partition: u32, resp: CommandResponse) -> Result<pb::ProduceResponse, Status> {
+    match resp {
+        CommandResponse::Produced { base_offset, count, duplicate } => {
+            Ok(pb::ProduceResponse { partition, base_offset, count, duplicate })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn stream_error(st: &Status) -> pb::Error {
+    let meta = |k: &str| st.metadata().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    pb::Error {
+        code: meta(busbar_proto::ERROR_CODE_KEY)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(ErrorCode::UnknownServerError.number()),
+        message: st.message().to_string(),
+        leader_addr: meta(busbar_proto::LEADER_ADDR_KEY).unwrap_or_default(),
+    }
 }
 
 #[tonic::async_trait]
@@ -125,13 +272,14 @@ impl Busbar for BusbarService {
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         let req = req.into_inner();
         let name = topic_name(&req.name)?;
-        if req.partitions == 0 || req.partitions > self.limits.max_partitions {
+        let max = self.inner.limits.max_partitions;
+        if req.partitions == 0 || req.partitions > max {
             return Err(api(
                 ErrorCode::InvalidPartitions,
-                format!("partitions must be 1..={}; got {}", self.limits.max_partitions, req.partitions),
+                format!("partitions must be 1..={max}; got {}", req.partitions),
             ));
         }
-        match self.write(Command::CreateTopic { name: name.clone(), partitions: req.partitions }).await? {
+        match self.inner.write(Command::CreateTopic { name: name.clone(), partitions: req.partitions }).await? {
             CommandResponse::TopicCreated { .. } => {
                 Ok(Response::new(pb::CreateTopicResponse { name: name.to_string(), partitions: req.partitions }))
             }
@@ -144,7 +292,7 @@ impl Busbar for BusbarService {
         req: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         let name = topic_name(&req.into_inner().name)?;
-        match self.write(Command::DeleteTopic { name }).await? {
+        match self.inner.write(Command::DeleteTopic { name }).await? {
             CommandResponse::TopicDeleted => Ok(Response::new(pb::DeleteTopicResponse {})),
             other => Err(unexpected(other)),
         }
@@ -154,7 +302,7 @@ impl Busbar for BusbarService {
         &self,
         _req: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
-        let topics = self.node.store.list_topics().map_err(|e| error::status(error::from_store(e)))?;
+        let topics = self.inner.node.store.list_topics().map_err(|e| error::status(error::from_store(e)))?;
         Ok(Response::new(pb::ListTopicsResponse {
             topics: topics
                 .into_iter()
@@ -163,14 +311,99 @@ impl Busbar for BusbarService {
         }))
     }
 
+    async fn describe_topic(
+        &self,
+        req: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let name = topic_name(&req.into_inner().name)?;
+        let store = &self.inner.node.store;
+        let info = store
+            .topic(name.as_str())
+            .map_err(|e| error::status(error::from_store(e)))?
+            .ok_or_else(|| api(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {name}")))?;
+        let offsets = store.partition_offsets(name.as_str()).map_err(|e| error::status(error::from_store(e)))?;
+        Ok(Response::new(pb::DescribeTopicResponse {
+            topic: Some(pb::TopicInfo { name: info.name.to_string(), partitions: info.partitions }),
+            partitions: offsets
+                .into_iter()
+                .map(|p| pb::PartitionOffsets {
+                    partition: p.partition,
+                    start_offset: p.start_offset,
+                    end_offset: p.end_offset,
+                })
+                .collect(),
+        }))
+    }
+
     async fn produce(&self, req: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
-        let req = req.into_inner();
-        let topic = topic_name(&req.topic)?;
-        let records = records_from_wire(req.records, &self.limits)?;
-        let partition = req.partition;
-        match self.write(Command::Produce { topic, partition, records }).await? {
-            CommandResponse::Produced { base_offset, count } => {
-                Ok(Response::new(pb::ProduceResponse { partition, base_offset, count }))
+        let (partition, cmd) = self.inner.produce_command(req.into_inner())?;
+        let resp = self.inner.write(cmd).await?;
+        Ok(Response::new(produced(partition, resp)?))
+    }
+
+    type ProduceStreamStream = BoxStream<pb::ProduceStreamResponse>;
+
+    async fn produce_stream(
+        &self,
+        req: Request<Streaming<pb::ProduceStreamRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(st) => {
+                        tracing::debug!(status = %st, "produce stream ended by the client");
+                        break;
+                    }
+                };
+                // Bounded: a stream may have STREAM_IN_FLIGHT batches awaiting commit; the next one
+                // is read only when one of them is answered.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let request_id = msg.request_id;
+                let prepared = msg
+                    .batch
+                    .ok_or_else(|| api(ErrorCode::InvalidRequest, "a produce stream message needs a batch"))
+                    .and_then(|b| inner.produce_command(b));
+                // Proposed here, in arrival order, so an idempotent producer's sequences reach the
+                // log in order; the commits are awaited concurrently.
+                let proposed = match prepared {
+                    Ok((partition, cmd)) => match inner.node.raft.client_write_ff(cmd).await {
+                        Ok(rx) => Ok((partition, rx)),
+                        Err(f) => Err(api(ErrorCode::ShuttingDown, format!("raft is not running: {f}"))),
+                    },
+                    Err(st) => Err(st),
+                };
+                let inner = inner.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let result = match proposed {
+                        Ok((partition, rx)) => inner.await_write(rx).await.and_then(|r| produced(partition, r)),
+                        Err(st) => Err(st),
+                    };
+                    let result = match result {
+                        Ok(ack) => pb::produce_stream_response::Result::Ack(ack),
+                        Err(st) => pb::produce_stream_response::Result::Error(stream_error(&st)),
+                    };
+                    let _ = tx.send(Ok(pb::ProduceStreamResponse { request_id, result: Some(result) })).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn init_producer_id(
+        &self,
+        _req: Request<pb::InitProducerIdRequest>,
+    ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
+        match self.inner.write(Command::InitProducerId).await? {
+            CommandResponse::ProducerIdAssigned { producer_id } => {
+                Ok(Response::new(pb::InitProducerIdResponse { producer_id }))
             }
             other => Err(unexpected(other)),
         }
@@ -179,26 +412,66 @@ impl Busbar for BusbarService {
     async fn fetch(&self, req: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
         let req = req.into_inner();
         topic_name(&req.topic)?;
-        let max_records = match req.max_records {
-            0 => 1000,
-            n => n.min(self.limits.max_fetch_records),
-        } as usize;
-        let max_bytes = match req.max_bytes {
-            0 => 1 << 20,
-            n => n.min(self.limits.max_fetch_bytes),
-        } as usize;
-        let store = self.node.store.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            store.read(&req.topic, req.partition, req.offset, max_records, max_bytes)
-        })
-        .await
-        .map_err(|e| api(ErrorCode::UnknownServerError, format!("fetch task failed: {e}")))?;
-        let r = res.map_err(|e| error::status(error::from_store(e)))?;
-        Ok(Response::new(pb::FetchResponse {
-            records: r.records.into_iter().map(|(o, rec)| record_to_wire(o, rec)).collect(),
-            start_offset: r.start_offset,
-            end_offset: r.end_offset,
-        }))
+        let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_FETCH_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut applied = self.inner.node.applied.clone();
+        loop {
+            // Marked seen before reading, so a commit between the read and the wait is not missed.
+            applied.borrow_and_update();
+            let r =
+                self.inner.read(req.topic.clone(), req.partition, req.offset, req.max_records, req.max_bytes).await?;
+            if !r.records.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(Response::new(fetch_to_wire(r)));
+            }
+            match tokio::time::timeout_at(deadline, applied.changed()).await {
+                Ok(Ok(())) => continue,
+                // Timed out, or the node is stopping: answer with what there is (nothing).
+                _ => return Ok(Response::new(fetch_to_wire(r))),
+            }
+        }
+    }
+
+    type SubscribeStream = BoxStream<pb::FetchResponse>;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = req.into_inner();
+        topic_name(&req.topic)?;
+        // Fail at once on a bad topic, partition or offset, not inside the stream.
+        let first =
+            self.inner.read(req.topic.clone(), req.partition, req.offset, req.max_records, req.max_bytes).await?;
+        let (tx, rx) = mpsc::channel(SUBSCRIBE_QUEUE);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut applied = inner.node.applied.clone();
+            let mut offset = req.offset;
+            let mut pending = Some(first);
+            loop {
+                applied.borrow_and_update();
+                let r = match pending.take() {
+                    Some(r) => Ok(r),
+                    None => inner.read(req.topic.clone(), req.partition, offset, req.max_records, req.max_bytes).await,
+                };
+                match r {
+                    Ok(r) if !r.records.is_empty() => {
+                        offset = r.records.last().map(|(o, _)| o + 1).unwrap_or(offset);
+                        if tx.send(Ok(fetch_to_wire(r))).await.is_err() {
+                            return; // the subscriber went away
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(st) => {
+                        let _ = tx.send(Err(st)).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn list_offsets(
@@ -207,7 +480,8 @@ impl Busbar for BusbarService {
     ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
         let req = req.into_inner();
         topic_name(&req.topic)?;
-        let offsets = self.node.store.partition_offsets(&req.topic).map_err(|e| error::status(error::from_store(e)))?;
+        let offsets =
+            self.inner.node.store.partition_offsets(&req.topic).map_err(|e| error::status(error::from_store(e)))?;
         Ok(Response::new(pb::ListOffsetsResponse {
             partitions: offsets
                 .into_iter()
@@ -217,6 +491,27 @@ impl Busbar for BusbarService {
                     end_offset: p.end_offset,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn metadata(&self, _req: Request<pb::MetadataRequest>) -> Result<Response<pb::MetadataResponse>, Status> {
+        let m = self.inner.node.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let nodes = membership
+            .nodes()
+            .map(|(id, n)| pb::NodeInfo { id: *id, addr: n.addr.clone(), voter: voters.contains(id) })
+            .collect();
+        let leader_addr =
+            m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone()).unwrap_or_default();
+        // A node that believes it leads but is not in state Leader (stepping down) reports no leader.
+        let has_leader =
+            m.current_leader.is_some() && (m.current_leader != Some(m.id) || m.state == ServerState::Leader);
+        Ok(Response::new(pb::MetadataResponse {
+            nodes,
+            has_leader,
+            leader_id: m.current_leader.unwrap_or(0),
+            leader_addr,
         }))
     }
 }

@@ -23,7 +23,10 @@ pub fn status(err: ApiError) -> Status {
         | ErrorCode::InvalidTopic
         | ErrorCode::InvalidPartitions
         | ErrorCode::InvalidRequest => Code::InvalidArgument,
-        ErrorCode::MembershipChangeFailed => Code::FailedPrecondition,
+        ErrorCode::MembershipChangeFailed
+        | ErrorCode::OutOfOrderSequenceNumber
+        | ErrorCode::DuplicateSequenceNumber
+        | ErrorCode::UnknownProducerId => Code::FailedPrecondition,
         ErrorCode::CorruptMessage | ErrorCode::KafkaStorageError | ErrorCode::UnknownServerError => Code::Internal,
     };
     let mut st = Status::new(code, err.message);

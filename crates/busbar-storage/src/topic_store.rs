@@ -4,7 +4,8 @@
 //! `N` is two trees:
 //! - `gN.meta`: `applied` (the replication layer's opaque applied position: last log id and
 //!   membership), `next_topic_id`, `t/<name>` → [`TopicMeta`], `p/<topic id><partition>` →
-//!   [`PartitionState`], `reclaim/<topic id>` → deleted topics whose batches are still to delete;
+//!   [`PartitionState`], `reclaim/<topic id>` → deleted topics whose batches are still to delete,
+//!   `next_producer_id`, `s/<producer id><topic id><partition>` → [`ProducerState`];
 //! - `gN.records`: `[topic id][partition][base offset]` → one stored batch ([`crate::batch`]).
 //!
 //! Every apply writes its data *and* the applied position in one sled transaction over both trees,
@@ -16,12 +17,12 @@
 //! reading. That is what lets an export read a consistent point-in-time view while appends go on:
 //! the data is append-only and bounded by the end offsets captured at the snapshot's index.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use busbar_types::{Command, CommandResponse, ErrorCode, Record, TopicName};
+use busbar_types::{Command, CommandResponse, ErrorCode, ProducerSeq, Record, TopicName};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -44,6 +45,19 @@ pub struct PartitionState {
     pub start_offset: u64,
     pub end_offset: u64,
 }
+
+/// How many of an idempotent producer's most recent batches per partition are remembered: a retry of
+/// any of them is answered with its original offsets (Kafka keeps five as well).
+pub const PRODUCER_WINDOW: usize = 5;
+
+/// An idempotent producer's recent batches in one partition: (sequence, base offset, count).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerState {
+    pub recent: VecDeque<(u64, u64, u32)>,
+}
+
+/// (producer id, topic id, partition)
+type ProducerKey = (u64, u32, u32);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicInfo {
@@ -85,6 +99,7 @@ struct Meta {
     topics: BTreeMap<TopicName, TopicMeta>,
     partitions: HashMap<(u32, u32), PartitionState>,
     next_topic_id: u32,
+    next_producer_id: u64,
     applied: Option<Bytes>,
 }
 
@@ -119,11 +134,17 @@ struct Inner {
     export_guard: RwLock<()>,
     /// Generations replaced by a snapshot install, waiting to be dropped.
     retired: Mutex<Vec<u64>>,
+    /// Idempotent producers' recent batches. Only apply reads and writes them (under `apply_lock`),
+    /// so they live apart from `Meta`, which is copied on every apply.
+    producers: Mutex<HashMap<ProducerKey, ProducerState>>,
 }
 
 const GENERATION_KEY: &[u8] = b"generation";
 const APPLIED_KEY: &[u8] = b"applied";
 const NEXT_TOPIC_ID_KEY: &[u8] = b"next_topic_id";
+const NEXT_PRODUCER_ID_KEY: &[u8] = b"next_producer_id";
+/// Producer ids start at 1: 0 means "not idempotent" on the wire.
+const FIRST_PRODUCER_ID: u64 = 1;
 
 fn tree_names(gen: u64) -> (String, String) {
     (format!("g{gen}.meta"), format!("g{gen}.records"))
@@ -135,6 +156,10 @@ fn topic_key(name: &TopicName) -> Vec<u8> {
 
 fn partition_key(topic_id: u32, partition: u32) -> Vec<u8> {
     [b"p/".as_slice(), &topic_id.to_be_bytes(), &partition.to_be_bytes()].concat()
+}
+
+fn producer_key((pid, topic_id, partition): ProducerKey) -> Vec<u8> {
+    [b"s/".as_slice(), &pid.to_be_bytes(), &topic_id.to_be_bytes(), &partition.to_be_bytes()].concat()
 }
 
 fn reclaim_key(topic_id: u32) -> Vec<u8> {
@@ -150,8 +175,10 @@ fn lock_err<T>(_: T) -> StoreError {
 struct SnapshotHeader {
     applied: Option<Vec<u8>>,
     next_topic_id: u32,
+    next_producer_id: u64,
     topics: Vec<TopicMeta>,
     partitions: Vec<(u32, u32, PartitionState)>,
+    producers: Vec<(ProducerKey, ProducerState)>,
 }
 
 /// What an export wrote.
@@ -184,6 +211,7 @@ impl TopicStore {
         }
         let generation = open_generation(&db, gen_id)?;
         let meta = load_meta(&generation.meta_tree)?;
+        let producers = load_producers(&generation.meta_tree)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -192,6 +220,7 @@ impl TopicStore {
                 apply_lock: Mutex::new(()),
                 export_guard: RwLock::new(()),
                 retired: Mutex::new(Vec::new()),
+                producers: Mutex::new(producers),
             }),
         })
     }
@@ -215,17 +244,23 @@ impl TopicStore {
     ) -> Result<Vec<CommandResponse>, StoreError> {
         let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
         let cur = self.current()?;
-        let mut meta = (*cur.meta).clone();
-        let mut meta_batch = sled::Batch::default();
-        let mut records_batch = sled::Batch::default();
+        let mut producers = self.inner.producers.lock().map_err(lock_err)?;
+        let mut w = Work {
+            meta: (*cur.meta).clone(),
+            producers: &producers,
+            touched: HashMap::new(),
+            meta_batch: sled::Batch::default(),
+            records_batch: sled::Batch::default(),
+        };
         let mut responses = Vec::with_capacity(commands.len());
         for cmd in commands {
             let resp = match cmd {
                 None => CommandResponse::Empty,
-                Some(cmd) => apply_one(cmd, &mut meta, &mut meta_batch, &mut records_batch)?,
+                Some(cmd) => w.apply_one(cmd)?,
             };
             responses.push(resp);
         }
+        let Work { mut meta, touched, mut meta_batch, records_batch, .. } = w;
         meta.applied = Some(applied_after.clone());
         meta_batch.insert(APPLIED_KEY, checked::seal(&applied_after));
 
@@ -241,6 +276,12 @@ impl TopicStore {
                 TransactionError::Abort(()) => StoreError::corrupt("apply", "transaction aborted"),
             })?;
         self.inner.current.write().map_err(lock_err)?.meta = Arc::new(meta);
+        for (k, st) in touched {
+            match st {
+                Some(st) => producers.insert(k, st),
+                None => producers.remove(&k),
+            };
+        }
         Ok(responses)
     }
 
@@ -358,13 +399,22 @@ impl TopicStore {
     /// Applies may continue meanwhile; they only add batches beyond those end offsets.
     pub fn export_snapshot<W: Write>(&self, w: W) -> Result<(ExportSummary, W), StoreError> {
         let _reading = self.inner.export_guard.read().map_err(lock_err)?;
-        let cur = self.current()?;
+        // The metadata and the producer states of one and the same applied position: taken together
+        // while no apply runs.
+        let (cur, producers) = {
+            let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
+            let producers: Vec<_> =
+                self.inner.producers.lock().map_err(lock_err)?.iter().map(|(k, v)| (*k, v.clone())).collect();
+            (self.current()?, producers)
+        };
         let meta = &cur.meta;
         let header = SnapshotHeader {
             applied: meta.applied.as_ref().map(|b| b.to_vec()),
             next_topic_id: meta.next_topic_id,
+            next_producer_id: meta.next_producer_id,
             topics: meta.topics.values().cloned().collect(),
             partitions: meta.partitions.iter().map(|(&(t, p), s)| (t, p, *s)).collect(),
+            producers,
         };
         let header = bincode::serialize(&header).map_err(|e| StoreError::corrupt("snapshot header", e.to_string()))?;
         let io_err = |e| StoreError::io("write snapshot", e);
@@ -400,8 +450,9 @@ impl TopicStore {
         self.inner.db.drop_tree(rec.as_bytes())?;
         let gen = open_generation(&self.inner.db, new_id)?;
         let filled = fill_generation(&gen, r, what);
-        let meta = match filled.and_then(|()| load_meta(&gen.meta_tree)) {
-            Ok(meta) => meta,
+        let loaded = filled.and_then(|()| Ok((load_meta(&gen.meta_tree)?, load_producers(&gen.meta_tree)?)));
+        let (meta, producers) = match loaded {
+            Ok(loaded) => loaded,
             Err(e) => {
                 let _ = self.inner.db.drop_tree(m.as_bytes());
                 let _ = self.inner.db.drop_tree(rec.as_bytes());
@@ -413,6 +464,7 @@ impl TopicStore {
         self.flush_durable()?;
         let applied = meta.applied.clone();
         *self.inner.current.write().map_err(lock_err)? = Current { generation: gen, meta: Arc::new(meta) };
+        *self.inner.producers.lock().map_err(lock_err)? = producers;
         self.inner.retired.lock().map_err(lock_err)?.push(old.generation.id);
         Ok(applied)
     }
@@ -496,6 +548,10 @@ fn load_meta(tree: &sled::Tree) -> Result<Meta, StoreError> {
     if let Some(v) = tree.get(NEXT_TOPIC_ID_KEY)? {
         meta.next_topic_id = checked::open_bincode(&|| "next topic id".into(), &v)?;
     }
+    meta.next_producer_id = match tree.get(NEXT_PRODUCER_ID_KEY)? {
+        Some(v) => checked::open_bincode(&|| "next producer id".into(), &v)?,
+        None => FIRST_PRODUCER_ID,
+    };
     for kv in tree.scan_prefix(b"t/") {
         let (k, v) = kv?;
         let t: TopicMeta = checked::open_bincode(&|| format!("topic {}", String::from_utf8_lossy(&k)), &v)?;
@@ -516,74 +572,185 @@ fn load_meta(tree: &sled::Tree) -> Result<Meta, StoreError> {
     Ok(meta)
 }
 
+fn load_producers(tree: &sled::Tree) -> Result<HashMap<ProducerKey, ProducerState>, StoreError> {
+    let mut out = HashMap::new();
+    for kv in tree.scan_prefix(b"s/") {
+        let (k, v) = kv?;
+        let key = match (k.get(2..10), k.get(10..14), k.get(14..18)) {
+            (Some(p), Some(t), Some(q)) => (
+                u64::from_be_bytes(p.try_into().unwrap_or_default()),
+                u32::from_be_bytes(t.try_into().unwrap_or_default()),
+                u32::from_be_bytes(q.try_into().unwrap_or_default()),
+            ),
+            _ => return Err(StoreError::corrupt("producer state key", format!("{k:?}"))),
+        };
+        let st: ProducerState = checked::open_bincode(&|| format!("producer state {key:?}"), &v)?;
+        out.insert(key, st);
+    }
+    Ok(out)
+}
+
 fn rejected(code: ErrorCode, message: String) -> CommandResponse {
     CommandResponse::Rejected { code, message }
 }
 
-fn apply_one(
-    cmd: &Command,
-    meta: &mut Meta,
-    meta_batch: &mut sled::Batch,
-    records_batch: &mut sled::Batch,
-) -> Result<CommandResponse, StoreError> {
-    Ok(match cmd {
-        Command::CreateTopic { name, partitions } => {
-            if meta.topics.contains_key(name) {
-                return Ok(rejected(ErrorCode::TopicAlreadyExists, format!("topic {name} already exists")));
-            }
-            if *partitions == 0 {
-                return Ok(rejected(ErrorCode::InvalidPartitions, "a topic needs at least one partition".into()));
-            }
-            let id = meta.next_topic_id;
-            meta.next_topic_id =
-                id.checked_add(1).ok_or_else(|| StoreError::corrupt("next topic id", "topic ids exhausted"))?;
-            let t = TopicMeta { id, name: name.clone(), partitions: *partitions };
-            meta_batch.insert(topic_key(name), checked::seal_bincode("topic", &t)?);
-            meta_batch.insert(NEXT_TOPIC_ID_KEY, checked::seal_bincode("next topic id", &meta.next_topic_id)?);
-            for p in 0..*partitions {
-                let s = PartitionState::default();
-                meta.partitions.insert((id, p), s);
-                meta_batch.insert(partition_key(id, p), checked::seal_bincode("partition state", &s)?);
-            }
-            meta.topics.insert(name.clone(), t);
-            CommandResponse::TopicCreated { topic_id: id }
+/// One apply call's working state: the new metadata, producer states it changed (`None`: removed),
+/// and the sled writes, committed together at the end.
+struct Work<'a> {
+    meta: Meta,
+    producers: &'a HashMap<ProducerKey, ProducerState>,
+    touched: HashMap<ProducerKey, Option<ProducerState>>,
+    meta_batch: sled::Batch,
+    records_batch: sled::Batch,
+}
+
+impl Work<'_> {
+    fn producer(&self, k: ProducerKey) -> Option<&ProducerState> {
+        match self.touched.get(&k) {
+            Some(st) => st.as_ref(),
+            None => self.producers.get(&k),
         }
-        Command::DeleteTopic { name } => {
-            let Some(t) = meta.topics.remove(name) else {
-                return Ok(rejected(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {name}")));
-            };
-            meta_batch.remove(topic_key(name));
-            for p in 0..t.partitions {
-                meta.partitions.remove(&(t.id, p));
-                meta_batch.remove(partition_key(t.id, p));
+    }
+
+    fn apply_one(&mut self, cmd: &Command) -> Result<CommandResponse, StoreError> {
+        Ok(match cmd {
+            Command::CreateTopic { name, partitions } => self.create_topic(name, *partitions)?,
+            Command::DeleteTopic { name } => self.delete_topic(name)?,
+            Command::Produce { topic, partition, records, producer } => {
+                self.produce(topic, *partition, records, *producer)?
             }
-            meta_batch.insert(reclaim_key(t.id), checked::seal_bincode("reclaim", &t.partitions)?);
-            CommandResponse::TopicDeleted
+            Command::InitProducerId => {
+                let id = self.meta.next_producer_id;
+                self.meta.next_producer_id = id
+                    .checked_add(1)
+                    .ok_or_else(|| StoreError::corrupt("next producer id", "producer ids exhausted"))?;
+                self.meta_batch.insert(
+                    NEXT_PRODUCER_ID_KEY,
+                    checked::seal_bincode("next producer id", &self.meta.next_producer_id)?,
+                );
+                CommandResponse::ProducerIdAssigned { producer_id: id }
+            }
+        })
+    }
+
+    fn create_topic(&mut self, name: &TopicName, partitions: u32) -> Result<CommandResponse, StoreError> {
+        let meta = &mut self.meta;
+        if meta.topics.contains_key(name) {
+            return Ok(rejected(ErrorCode::TopicAlreadyExists, format!("topic {name} already exists")));
         }
-        Command::Produce { topic, partition, records } => {
-            let Some(t) = meta.topics.get(topic) else {
-                return Ok(rejected(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {topic}")));
-            };
-            if *partition >= t.partitions {
+        if partitions == 0 {
+            return Ok(rejected(ErrorCode::InvalidPartitions, "a topic needs at least one partition".into()));
+        }
+        let id = meta.next_topic_id;
+        meta.next_topic_id =
+            id.checked_add(1).ok_or_else(|| StoreError::corrupt("next topic id", "topic ids exhausted"))?;
+        let t = TopicMeta { id, name: name.clone(), partitions };
+        self.meta_batch.insert(topic_key(name), checked::seal_bincode("topic", &t)?);
+        self.meta_batch.insert(NEXT_TOPIC_ID_KEY, checked::seal_bincode("next topic id", &meta.next_topic_id)?);
+        for p in 0..partitions {
+            let s = PartitionState::default();
+            meta.partitions.insert((id, p), s);
+            self.meta_batch.insert(partition_key(id, p), checked::seal_bincode("partition state", &s)?);
+        }
+        meta.topics.insert(name.clone(), t);
+        Ok(CommandResponse::TopicCreated { topic_id: id })
+    }
+
+    fn delete_topic(&mut self, name: &TopicName) -> Result<CommandResponse, StoreError> {
+        let Some(t) = self.meta.topics.remove(name) else {
+            return Ok(rejected(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {name}")));
+        };
+        self.meta_batch.remove(topic_key(name));
+        for p in 0..t.partitions {
+            self.meta.partitions.remove(&(t.id, p));
+            self.meta_batch.remove(partition_key(t.id, p));
+        }
+        // The topic's producer states go with it (its id is never reused).
+        let gone: Vec<ProducerKey> =
+            self.producers.keys().chain(self.touched.keys()).filter(|(_, tid, _)| *tid == t.id).copied().collect();
+        for k in gone {
+            self.meta_batch.remove(producer_key(k));
+            self.touched.insert(k, None);
+        }
+        self.meta_batch.insert(reclaim_key(t.id), checked::seal_bincode("reclaim", &t.partitions)?);
+        Ok(CommandResponse::TopicDeleted)
+    }
+
+    fn produce(
+        &mut self,
+        topic: &TopicName,
+        partition: u32,
+        records: &[Record],
+        producer: Option<ProducerSeq>,
+    ) -> Result<CommandResponse, StoreError> {
+        let Some(t) = self.meta.topics.get(topic) else {
+            return Ok(rejected(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {topic}")));
+        };
+        if partition >= t.partitions {
+            return Ok(rejected(
+                ErrorCode::UnknownTopicOrPartition,
+                format!("topic {topic} has partitions 0..{}; {partition} does not exist", t.partitions),
+            ));
+        }
+        if records.is_empty() {
+            return Ok(rejected(ErrorCode::InvalidRequest, "a produce batch needs at least one record".into()));
+        }
+        let count = u32::try_from(records.len())
+            .map_err(|_| StoreError::corrupt("produce", "more than u32::MAX records in one batch"))?;
+        let id = t.id;
+        if let Some(ps) = producer {
+            if ps.producer_id < FIRST_PRODUCER_ID || ps.producer_id >= self.meta.next_producer_id {
                 return Ok(rejected(
-                    ErrorCode::UnknownTopicOrPartition,
-                    format!("topic {topic} has partitions 0..{}; {partition} does not exist", t.partitions),
+                    ErrorCode::UnknownProducerId,
+                    format!("producer id {} was not handed out by this cluster", ps.producer_id),
                 ));
             }
-            if records.is_empty() {
-                return Ok(rejected(ErrorCode::InvalidRequest, "a produce batch needs at least one record".into()));
+            if let Some(st) = self.producer((ps.producer_id, id, partition)) {
+                if let Some(&(_, base, n)) = st.recent.iter().find(|(seq, _, _)| *seq == ps.sequence) {
+                    return Ok(CommandResponse::Produced { base_offset: base, count: n, duplicate: true });
+                }
+                if let Some(&(last, _, _)) = st.recent.back() {
+                    if ps.sequence <= last {
+                        return Ok(rejected(
+                            ErrorCode::DuplicateSequenceNumber,
+                            format!(
+                                "batch {} of producer {} in {topic}/{partition} is older than the {PRODUCER_WINDOW} \
+                                 batches remembered (last {last})",
+                                ps.sequence, ps.producer_id
+                            ),
+                        ));
+                    }
+                    if ps.sequence != last + 1 {
+                        return Ok(rejected(
+                            ErrorCode::OutOfOrderSequenceNumber,
+                            format!(
+                                "producer {} sent batch {} to {topic}/{partition}; expected {}",
+                                ps.producer_id,
+                                ps.sequence,
+                                last + 1
+                            ),
+                        ));
+                    }
+                }
             }
-            let count = u32::try_from(records.len())
-                .map_err(|_| StoreError::corrupt("produce", "more than u32::MAX records in one batch"))?;
-            let id = t.id;
-            let state = meta.partitions.entry((id, *partition)).or_default();
-            let base = state.end_offset;
-            records_batch.insert(&batch::key(id, *partition, base), batch::encode(records)?);
-            state.end_offset = base + u64::from(count);
-            meta_batch.insert(partition_key(id, *partition), checked::seal_bincode("partition state", state)?);
-            CommandResponse::Produced { base_offset: base, count }
         }
-    })
+        let state = self.meta.partitions.entry((id, partition)).or_default();
+        let base = state.end_offset;
+        self.records_batch.insert(&batch::key(id, partition, base), batch::encode(records)?);
+        state.end_offset = base + u64::from(count);
+        self.meta_batch.insert(partition_key(id, partition), checked::seal_bincode("partition state", state)?);
+        if let Some(ps) = producer {
+            let k = (ps.producer_id, id, partition);
+            let mut st = self.producer(k).cloned().unwrap_or_default();
+            st.recent.push_back((ps.sequence, base, count));
+            while st.recent.len() > PRODUCER_WINDOW {
+                st.recent.pop_front();
+            }
+            self.meta_batch.insert(producer_key(k), checked::seal_bincode("producer state", &st)?);
+            self.touched.insert(k, Some(st));
+        }
+        Ok(CommandResponse::Produced { base_offset: base, count, duplicate: false })
+    }
 }
 
 /// Writes a snapshot stream into an empty generation, checking every frame.
@@ -601,6 +768,10 @@ fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<(), St
         mb.insert(APPLIED_KEY, checked::seal(applied));
     }
     mb.insert(NEXT_TOPIC_ID_KEY, checked::seal_bincode("next topic id", &header.next_topic_id)?);
+    mb.insert(NEXT_PRODUCER_ID_KEY, checked::seal_bincode("next producer id", &header.next_producer_id)?);
+    for (k, st) in &header.producers {
+        mb.insert(producer_key(*k), checked::seal_bincode("producer state", st)?);
+    }
     for t in &header.topics {
         mb.insert(topic_key(&t.name), checked::seal_bincode("topic", t)?);
     }
@@ -655,7 +826,12 @@ mod tests {
     }
 
     fn produce(store: &TopicStore, topic: &str, p: u32, vals: &[&str], pos: u8) -> CommandResponse {
-        let cmd = Command::Produce { topic: name(topic), partition: p, records: vals.iter().map(|v| rec(v)).collect() };
+        let cmd = Command::Produce {
+            topic: name(topic),
+            partition: p,
+            records: vals.iter().map(|v| rec(v)).collect(),
+            producer: None,
+        };
         store.apply(&[Some(&cmd)], Bytes::from(vec![pos])).unwrap().remove(0)
     }
 
@@ -670,10 +846,16 @@ mod tests {
         );
         assert_eq!(
             produce(&store, "orders", 0, &["a", "b"], 2),
-            CommandResponse::Produced { base_offset: 0, count: 2 }
+            CommandResponse::Produced { base_offset: 0, count: 2, duplicate: false }
         );
-        assert_eq!(produce(&store, "orders", 0, &["c"], 3), CommandResponse::Produced { base_offset: 2, count: 1 });
-        assert_eq!(produce(&store, "orders", 1, &["x"], 4), CommandResponse::Produced { base_offset: 0, count: 1 });
+        assert_eq!(
+            produce(&store, "orders", 0, &["c"], 3),
+            CommandResponse::Produced { base_offset: 2, count: 1, duplicate: false }
+        );
+        assert_eq!(
+            produce(&store, "orders", 1, &["x"], 4),
+            CommandResponse::Produced { base_offset: 0, count: 1, duplicate: false }
+        );
         let r = store.read("orders", 0, 1, 10, 1 << 20).unwrap();
         let vals: Vec<_> = r.records.iter().map(|(o, r)| (*o, r.value.clone())).collect();
         assert_eq!(vals, vec![(1, Bytes::from("b")), (2, Bytes::from("c"))]);
@@ -706,7 +888,10 @@ mod tests {
         let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
         assert_eq!(store.applied().unwrap(), Some(Bytes::from(vec![9])));
         assert_eq!(store.read("t", 0, 0, 10, 1 << 20).unwrap().records.len(), 3);
-        assert_eq!(produce(&store, "t", 0, &["d"], 10), CommandResponse::Produced { base_offset: 3, count: 1 });
+        assert_eq!(
+            produce(&store, "t", 0, &["d"], 10),
+            CommandResponse::Produced { base_offset: 3, count: 1, duplicate: false }
+        );
     }
 
     #[test]
@@ -800,5 +985,114 @@ mod tests {
         bad[last] ^= 1;
         records.insert(k, bad).unwrap();
         assert!(matches!(store.read("t", 0, 0, 10, 100), Err(StoreError::Corrupt { .. })));
+    }
+
+    fn idem(store: &TopicStore, topic: &str, p: u32, pid: u64, seq: u64, v: &str) -> CommandResponse {
+        let cmd = Command::Produce {
+            topic: name(topic),
+            partition: p,
+            records: vec![rec(v)],
+            producer: Some(ProducerSeq { producer_id: pid, sequence: seq }),
+        };
+        store.apply(&[Some(&cmd)], Bytes::from_static(b"i")).unwrap().remove(0)
+    }
+
+    fn new_producer(store: &TopicStore) -> u64 {
+        match store.apply(&[Some(&Command::InitProducerId)], Bytes::from_static(b"p")).unwrap().remove(0) {
+            CommandResponse::ProducerIdAssigned { producer_id } => producer_id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn code(r: &CommandResponse) -> Option<ErrorCode> {
+        match r {
+            CommandResponse::Rejected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn idempotent_producer_retries_get_original_offsets_and_gaps_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let create = Command::CreateTopic { name: name("t"), partitions: 2 };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        let a = new_producer(&store);
+        let b = new_producer(&store);
+        assert_ne!(a, b);
+        assert!(a >= 1 && b >= 1, "0 means not idempotent on the wire");
+
+        assert_eq!(
+            idem(&store, "t", 0, a, 0, "a0"),
+            CommandResponse::Produced { base_offset: 0, count: 1, duplicate: false }
+        );
+        assert_eq!(
+            idem(&store, "t", 0, b, 0, "b0"),
+            CommandResponse::Produced { base_offset: 1, count: 1, duplicate: false }
+        );
+        assert_eq!(
+            idem(&store, "t", 0, a, 1, "a1"),
+            CommandResponse::Produced { base_offset: 2, count: 1, duplicate: false }
+        );
+        // A retry of an acknowledged batch: its original offsets, nothing written.
+        assert_eq!(
+            idem(&store, "t", 0, a, 0, "a0"),
+            CommandResponse::Produced { base_offset: 0, count: 1, duplicate: true }
+        );
+        assert_eq!(store.partition_offsets("t").unwrap()[0].end_offset, 3);
+        // Sequences are per partition.
+        assert_eq!(
+            idem(&store, "t", 1, a, 0, "x"),
+            CommandResponse::Produced { base_offset: 0, count: 1, duplicate: false }
+        );
+        // A gap is refused and writes nothing; the expected sequence still works afterwards.
+        assert_eq!(code(&idem(&store, "t", 0, a, 5, "gap")), Some(ErrorCode::OutOfOrderSequenceNumber));
+        assert_eq!(store.partition_offsets("t").unwrap()[0].end_offset, 3);
+        assert_eq!(
+            idem(&store, "t", 0, a, 2, "a2"),
+            CommandResponse::Produced { base_offset: 3, count: 1, duplicate: false }
+        );
+        // Beyond the remembered window: refused, not written again.
+        for seq in 3..10 {
+            idem(&store, "t", 0, a, seq, "more");
+        }
+        assert_eq!(code(&idem(&store, "t", 0, a, 1, "old")), Some(ErrorCode::DuplicateSequenceNumber));
+        // An id never handed out.
+        assert_eq!(code(&idem(&store, "t", 0, 999, 0, "who")), Some(ErrorCode::UnknownProducerId));
+        assert_eq!(code(&idem(&store, "t", 0, 0, 0, "zero")), Some(ErrorCode::UnknownProducerId));
+    }
+
+    #[test]
+    fn producer_state_survives_reopen_and_snapshot_install() {
+        let a_dir = tempfile::tempdir().unwrap();
+        let b_dir = tempfile::tempdir().unwrap();
+        let pid;
+        {
+            let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
+            let create = Command::CreateTopic { name: name("t"), partitions: 1 };
+            a.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+            pid = new_producer(&a);
+            idem(&a, "t", 0, pid, 0, "v0");
+            idem(&a, "t", 0, pid, 1, "v1");
+            a.flush_durable().unwrap();
+        }
+        let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
+        assert_eq!(
+            idem(&a, "t", 0, pid, 1, "v1"),
+            CommandResponse::Produced { base_offset: 1, count: 1, duplicate: true }
+        );
+        let (_, buf) = a.export_snapshot(Vec::new()).unwrap();
+        let b = TopicStore::open(b_dir.path(), &TopicStoreOptions::default()).unwrap();
+        b.import_snapshot(&buf[..], "snap").unwrap();
+        assert_eq!(
+            idem(&b, "t", 0, pid, 0, "v0"),
+            CommandResponse::Produced { base_offset: 0, count: 1, duplicate: true }
+        );
+        assert_eq!(
+            idem(&b, "t", 0, pid, 2, "v2"),
+            CommandResponse::Produced { base_offset: 2, count: 1, duplicate: false }
+        );
+        // The id counter came along too: a new producer gets a fresh id.
+        assert!(new_producer(&b) > pid);
     }
 }

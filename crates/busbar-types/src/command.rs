@@ -11,6 +11,14 @@ use crate::error::ErrorCode;
 use crate::record::Record;
 use crate::topic::TopicName;
 
+/// An idempotent producer's identity on one batch: its id, and the batch's sequence number in the
+/// partition (0, 1, 2, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerSeq {
+    pub producer_id: u64,
+    pub sequence: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     CreateTopic {
@@ -21,11 +29,16 @@ pub enum Command {
         name: TopicName,
     },
     /// Append one batch to one partition. All records get consecutive offsets, or none is written.
+    /// With `producer`, a batch the state machine has seen before gets its original offsets back
+    /// instead of being written again.
     Produce {
         topic: TopicName,
         partition: u32,
         records: Vec<Record>,
+        producer: Option<ProducerSeq>,
     },
+    /// Hand out a new producer id (unique in the cluster, never reused).
+    InitProducerId,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,9 +49,14 @@ pub enum CommandResponse {
         topic_id: u32,
     },
     TopicDeleted,
+    /// `duplicate`: the batch had been written before; these are its original offsets.
     Produced {
         base_offset: u64,
         count: u32,
+        duplicate: bool,
+    },
+    ProducerIdAssigned {
+        producer_id: u64,
     },
     /// The state machine refused the command; nothing was changed.
     Rejected {

@@ -24,7 +24,13 @@ pub enum ErrorCode {
     TopicAlreadyExists = 36,
     InvalidPartitions = 37,
     InvalidRequest = 42,
+    /// An idempotent producer's batch skipped a sequence number (a batch before it was lost).
+    OutOfOrderSequenceNumber = 45,
+    /// An idempotent producer's batch is older than the window of batches remembered for it.
+    DuplicateSequenceNumber = 46,
     KafkaStorageError = 56,
+    /// The producer id was never handed out by this cluster.
+    UnknownProducerId = 59,
     /// The write may or may not have been committed (for example a timeout across a leader change).
     /// Retrying an idempotent write is safe; a non-idempotent one must be checked first.
     Indeterminate = 1000,
@@ -50,7 +56,10 @@ impl ErrorCode {
         ErrorCode::TopicAlreadyExists,
         ErrorCode::InvalidPartitions,
         ErrorCode::InvalidRequest,
+        ErrorCode::OutOfOrderSequenceNumber,
+        ErrorCode::DuplicateSequenceNumber,
         ErrorCode::KafkaStorageError,
+        ErrorCode::UnknownProducerId,
         ErrorCode::Indeterminate,
         ErrorCode::MembershipChangeFailed,
         ErrorCode::ShuttingDown,

@@ -8,7 +8,7 @@ pub mod error;
 pub mod record;
 pub mod topic;
 
-pub use command::{Command, CommandResponse};
+pub use command::{Command, CommandResponse, ProducerSeq};
 pub use error::{ApiError, ErrorCode};
 pub use record::{Header, Record};
 pub use topic::{TopicName, TopicNameError};
