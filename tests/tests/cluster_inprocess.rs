@@ -1,0 +1,254 @@
+//! Cluster behaviour on real nodes inside the test process (real gRPC, WAL and sled; links cut
+//! through the shared partition table). Numbered by category: t10 election, t20 failover,
+//! t30 catch-up, t40 membership, t50 partitions.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use busbar_client::{Client, Record};
+use busbar_raft::RaftConfig;
+use busbar_server::Limits;
+use busbar_tests::inprocess::{test_raft_config, InProcessCluster};
+use busbar_tests::wait;
+use openraft::ServerState;
+
+/// (partition, offset) -> value of every acknowledged record.
+type Acked = BTreeMap<(u32, u64), Vec<u8>>;
+
+async fn produce_n(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    from: usize,
+    n: usize,
+    acked: &mut Acked,
+) -> anyhow::Result<()> {
+    for i in from..from + n {
+        let p = (i as u32) % partitions;
+        let value = format!("v-{i}").into_bytes();
+        let ack = client.produce(topic, p, vec![Record::value(value.clone())]).await?;
+        acked.insert((p, ack.base_offset), value);
+    }
+    Ok(())
+}
+
+/// Every acknowledged record is on node `id`, at its offset.
+async fn assert_has_all(
+    c: &InProcessCluster,
+    id: u64,
+    topic: &str,
+    partitions: u32,
+    acked: &Acked,
+) -> anyhow::Result<()> {
+    for p in 0..partitions {
+        let held: BTreeMap<u64, Vec<u8>> = c.dump(id, topic, p).await?.into_iter().collect();
+        for ((ap, off), v) in acked.iter().filter(|((ap, _), _)| *ap == p) {
+            let got = held.get(off);
+            anyhow::ensure!(
+                got == Some(v),
+                "node {id}: acknowledged {topic}/{ap}@{off} = {:?}, holds {:?}",
+                String::from_utf8_lossy(v),
+                got.map(|g| String::from_utf8_lossy(g).to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t10_three_nodes_elect_exactly_one_leader() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    let leader = c.leader().await?;
+    let leaders: Vec<u64> = c
+        .ids()
+        .into_iter()
+        .filter(|id| c.metrics(*id).map(|m| m.state == ServerState::Leader).unwrap_or(false))
+        .collect();
+    assert_eq!(leaders, vec![leader]);
+    for id in c.ids() {
+        assert_eq!(c.voters(id)?, vec![1, 2, 3], "node {id} membership");
+    }
+    // The cluster-status API reports every node, reachable, with the leader among them.
+    let st = c.client().await?.cluster_status().await?;
+    assert_eq!(st.nodes.len(), 3);
+    assert!(st.nodes.iter().all(|n| n.reachable));
+    assert_eq!(st.leader_id, leader);
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t20_leader_crash_elects_new_leader_and_keeps_every_acknowledged_write() -> anyhow::Result<()> {
+    let mut c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    client.create_topic("orders", 3).await?;
+    let mut acked = Acked::new();
+    produce_n(&client, "orders", 3, 0, 60, &mut acked).await?;
+
+    let old = c.leader().await?;
+    let crashed_at = Instant::now();
+    c.crash(old).await?;
+    let survivors: Vec<u64> = c.ids();
+    let new = c.leader_among(&survivors).await?;
+    let took = crashed_at.elapsed();
+    assert_ne!(new, old);
+    // A few election timeouts (max 1 s here), with room for a loaded machine.
+    assert!(took < Duration::from_secs(10), "new leader took {took:?}");
+
+    let client = c.client().await?;
+    produce_n(&client, "orders", 3, 60, 60, &mut acked).await?;
+    for id in &survivors {
+        assert_has_all(&c, *id, "orders", 3, &acked).await?;
+    }
+
+    // The old leader comes back and catches up by log until every node is identical.
+    c.restart(old).await?;
+    c.wait_identical("orders", 3, Duration::from_secs(30)).await?;
+    assert_has_all(&c, old, "orders", 3, &acked).await?;
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t30_follower_down_past_a_purge_catches_up_by_streamed_snapshot() -> anyhow::Result<()> {
+    let raft = RaftConfig { snapshot_every: 40, logs_to_keep: 5, ..test_raft_config() };
+    let mut c =
+        InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() })
+            .await?;
+    let client = c.client().await?;
+    client.create_topic("big", 2).await?;
+    let leader = c.leader().await?;
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap_or(1);
+    c.crash(follower).await?;
+
+    // ~6 MiB in 200 batches of 32 KiB: several snapshots, several 1 MiB chunks each.
+    let mut acked = Acked::new();
+    let client = c.client().await?;
+    for i in 0..200u32 {
+        let p = i % 2;
+        let value = format!("{i:08}").into_bytes().into_iter().cycle().take(32 * 1024).collect::<Vec<u8>>();
+        let ack = client.produce("big", p, vec![Record::value(value.clone())]).await?;
+        acked.insert((p, ack.base_offset), value);
+    }
+    // The leader has purged its log past everything the follower has.
+    let follower_last = {
+        // Its WAL on disk ends where it crashed; the purge must go beyond it.
+        let m = c.metrics(leader)?;
+        m.purged.map(|p| p.index).unwrap_or(0)
+    };
+    assert!(follower_last > 50, "leader should have purged its log (purged up to {follower_last})");
+
+    c.restart(follower).await?;
+    let snap = wait::until("the follower to install a snapshot", Duration::from_secs(60), || async {
+        let m = c.metrics(follower).ok()?;
+        m.snapshot.filter(|s| s.index >= 50)
+    })
+    .await?;
+    assert!(snap.index >= 50);
+    c.wait_identical("big", 2, Duration::from_secs(60)).await?;
+    assert_has_all(&c, follower, "big", 2, &acked).await?;
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t40_membership_3_to_5_to_3_under_writes_loses_nothing() -> anyhow::Result<()> {
+    let mut c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    client.create_topic("m", 2).await?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let client = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut acked = Acked::new();
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let p = (i % 2) as u32;
+                let value = format!("w-{i}").into_bytes();
+                match client.produce("m", p, vec![Record::value(value.clone())]).await {
+                    Ok(ack) => {
+                        acked.insert((p, ack.base_offset), value);
+                    }
+                    // Indeterminate during a membership change is allowed; it is not acknowledged.
+                    Err(e) if e.is_indeterminate() => {}
+                    Err(e) => return Err(anyhow::anyhow!("write {i} failed: {e}")),
+                }
+                i += 1;
+            }
+            Ok(acked)
+        })
+    };
+
+    c.start_joining(4, 1).await?;
+    c.start_joining(5, 2).await?;
+    let leader = c.leader().await?;
+    wait::until("five voters", Duration::from_secs(60), || async { (c.voters(leader).ok()?.len() == 5).then_some(()) })
+        .await?;
+
+    let admin = c.client().await?;
+    admin.remove_node(4).await?;
+    admin.remove_node(5).await?;
+    c.stop(4).await?;
+    c.stop(5).await?;
+    // Metrics are published asynchronously after the change commits: wait for them, bounded.
+    wait::until("the leader's membership to be voters 1, 2, 3", Duration::from_secs(20), || async {
+        let leader = c.leader().await.ok()?;
+        (c.voters(leader).ok()? == vec![1, 2, 3]).then_some(())
+    })
+    .await?;
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.await??;
+    assert!(acked.len() > 10, "the writer made progress during the changes ({} acked)", acked.len());
+    c.wait_identical("m", 2, Duration::from_secs(30)).await?;
+    for id in c.ids() {
+        assert_has_all(&c, id, "m", 2, &acked).await?;
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t50_leader_cut_off_in_a_minority_cannot_commit_and_its_write_never_appears() -> anyhow::Result<()> {
+    let mut limits = Limits { write_timeout: Duration::from_secs(2), ..Limits::default() };
+    limits.max_batch_records = 1000;
+    let c = InProcessCluster::start_with(3, test_raft_config(), limits).await?;
+    let client = c.client().await?;
+    client.create_topic("p", 1).await?;
+    let mut acked = Acked::new();
+    produce_n(&client, "p", 1, 0, 10, &mut acked).await?;
+
+    let old = c.leader().await?;
+    let majority: Vec<u64> = c.ids().into_iter().filter(|id| *id != old).collect();
+    c.partitions.isolate(old, majority.clone());
+
+    // The isolated leader takes the write but cannot commit it: the client hears "indeterminate"
+    // (or "not leader" once it steps down), never success.
+    let isolated = c.client_of(old).await?;
+    let pending = isolated.produce("p", 0, vec![Record::value(b"from-the-minority".to_vec())]).await;
+    assert!(pending.is_err(), "a leader without a quorum acknowledged a write: {pending:?}");
+
+    // The majority elects a new leader and goes on.
+    let new = c.leader_among(&majority).await?;
+    assert_ne!(new, old);
+    let majority_client = Client::connect(majority.iter().map(|id| c.addr(*id))).await?;
+    produce_n(&majority_client, "p", 1, 10, 10, &mut acked).await?;
+
+    c.partitions.heal();
+    c.wait_identical("p", 1, Duration::from_secs(30)).await?;
+    for id in c.ids() {
+        let held = c.dump(id, "p", 0).await?;
+        assert!(
+            !held.iter().any(|(_, v)| v == b"from-the-minority"),
+            "node {id} shows the minority's uncommitted write"
+        );
+        assert_has_all(&c, id, "p", 1, &acked).await?;
+    }
+    c.shutdown().await;
+    Ok(())
+}
