@@ -11,10 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use busbar_proto::v1 as pb;
 use busbar_proto::v1::busbar_server::Busbar;
-use busbar_raft::types::ClientWriteError;
 use busbar_raft::RaftNode;
 use busbar_storage::FetchResult;
-use busbar_types::{ApiError, Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, TopicName};
+use busbar_types::{Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, TopicName};
 use bytes::Bytes;
 use futures::Stream;
 use openraft::ServerState;
@@ -24,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::error::{self, api};
+use crate::propose::Proposer;
 
 /// Batches of one produce stream that may await their commit at once.
 const STREAM_IN_FLIGHT: usize = 64;
@@ -39,6 +39,7 @@ pub struct BusbarService {
 
 struct Inner {
     node: RaftNode,
+    proposer: Proposer,
     limits: Limits,
     /// Spreads keyless batches that name no partition over the partitions.
     next_keyless: AtomicU32,
@@ -48,46 +49,14 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 impl BusbarService {
     pub fn new(node: RaftNode, limits: Limits) -> Self {
-        Self { inner: Arc::new(Inner { node, limits, next_keyless: AtomicU32::new(0) }) }
+        let proposer = Proposer { node: node.clone(), timeout: limits.write_timeout };
+        Self { inner: Arc::new(Inner { node, proposer, limits, next_keyless: AtomicU32::new(0) }) }
     }
 }
 
 impl Inner {
-    /// Proposes a command and waits for it to be committed and applied, within the write timeout.
     async fn write(&self, cmd: Command) -> Result<CommandResponse, Status> {
-        let rx =
-            self.node.raft.client_write_ff(cmd).await.map_err(|f| {
-                error::status(ApiError::new(ErrorCode::ShuttingDown, format!("raft is not running: {f}")))
-            })?;
-        self.await_write(rx).await
-    }
-
-    /// Waits for a proposed command's outcome. A timeout or a lost responder is indeterminate: the
-    /// entry may still commit.
-    async fn await_write<R, E>(&self, rx: R) -> Result<CommandResponse, Status>
-    where
-        R: std::future::Future<
-            Output = Result<Result<openraft::raft::ClientWriteResponse<busbar_raft::TypeConfig>, ClientWriteError>, E>,
-        >,
-    {
-        let timeout = self.limits.write_timeout;
-        match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(api(
-                ErrorCode::Indeterminate,
-                format!(
-                    "no commit within {timeout:?}: the write may or may not have been committed (leader change or lost quorum)"
-                ),
-            )),
-            Ok(Err(_)) => Err(api(
-                ErrorCode::Indeterminate,
-                "the leader stopped before answering: the write may or may not have been committed",
-            )),
-            Ok(Ok(Err(e))) => Err(error::status(error::from_write(openraft::error::RaftError::APIError(e)))),
-            Ok(Ok(Ok(resp))) => match resp.data {
-                CommandResponse::Rejected { code, message } => Err(api(code, message)),
-                other => Ok(other),
-            },
-        }
+        self.proposer.write(cmd).await
     }
 
     /// Checks a produce request and turns it into a command.
@@ -372,17 +341,14 @@ impl Busbar for BusbarService {
                 // Proposed here, in arrival order, so an idempotent producer's sequences reach the
                 // log in order; the commits are awaited concurrently.
                 let proposed = match prepared {
-                    Ok((partition, cmd)) => match inner.node.raft.client_write_ff(cmd).await {
-                        Ok(rx) => Ok((partition, rx)),
-                        Err(f) => Err(api(ErrorCode::ShuttingDown, format!("raft is not running: {f}"))),
-                    },
+                    Ok((partition, cmd)) => inner.proposer.propose(cmd).await.map(|rx| (partition, rx)),
                     Err(st) => Err(st),
                 };
                 let inner = inner.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let result = match proposed {
-                        Ok((partition, rx)) => inner.await_write(rx).await.and_then(|r| produced(partition, r)),
+                        Ok((partition, rx)) => inner.proposer.outcome(rx).await.and_then(|r| produced(partition, r)),
                         Err(st) => Err(st),
                     };
                     let result = match result {

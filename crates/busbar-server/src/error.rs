@@ -26,7 +26,12 @@ pub fn status(err: ApiError) -> Status {
         ErrorCode::MembershipChangeFailed
         | ErrorCode::OutOfOrderSequenceNumber
         | ErrorCode::DuplicateSequenceNumber
-        | ErrorCode::UnknownProducerId => Code::FailedPrecondition,
+        | ErrorCode::UnknownProducerId
+        | ErrorCode::IllegalGeneration
+        | ErrorCode::UnknownMemberId
+        | ErrorCode::NonEmptyGroup => Code::FailedPrecondition,
+        ErrorCode::InvalidGroupId | ErrorCode::InvalidSessionTimeout => Code::InvalidArgument,
+        ErrorCode::GroupIdNotFound => Code::NotFound,
         ErrorCode::CorruptMessage | ErrorCode::KafkaStorageError | ErrorCode::UnknownServerError => Code::Internal,
     };
     let mut st = Status::new(code, err.message);

@@ -13,6 +13,8 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod groups;
+pub mod propose;
 pub mod server;
 
 pub use config::{Limits, ServerConfig};

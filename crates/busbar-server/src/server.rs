@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use busbar_proto::raft::raft_transport_server::RaftTransportServer;
 use busbar_proto::v1::busbar_server::BusbarServer;
 use busbar_proto::v1::cluster_server::ClusterServer;
+use busbar_proto::v1::groups_server::GroupsServer;
 use busbar_raft::network::MAX_RAFT_MESSAGE;
 use busbar_raft::transport::RaftTransportService;
 use busbar_raft::RaftNode;
@@ -18,6 +19,8 @@ use crate::api::BusbarService;
 use crate::bootstrap;
 use crate::cluster::ClusterService;
 use crate::config::ServerConfig;
+use crate::groups::GroupsService;
+use crate::propose::Proposer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -68,6 +71,9 @@ async fn start(
     let api = BusbarServer::new(BusbarService::new(node.clone(), limits.clone()))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_fetch_bytes as usize + (1 << 20));
+    let groups = GroupsService::new(node.clone(), Proposer { node: node.clone(), timeout: limits.write_timeout });
+    tokio::spawn(groups.clone().run(stop_rx.clone()));
+    let groups = GroupsServer::new(groups);
     let cluster = ClusterServer::new(ClusterService::new(node.clone(), cfg.advertise.clone(), limits));
     let transport = RaftTransportServer::new(RaftTransportService::new(node.raft.clone(), node.snapshots.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
@@ -76,6 +82,7 @@ async fn start(
     let serve = tokio::spawn(async move {
         let res = tonic::transport::Server::builder()
             .add_service(api)
+            .add_service(groups)
             .add_service(cluster)
             .add_service(transport)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

@@ -12,9 +12,13 @@ pub mod batch;
 pub mod checked;
 pub mod durable;
 pub mod error;
+pub mod group_assign;
+pub mod groups;
 pub mod snapshot_file;
 pub mod topic_store;
 pub mod wal;
 
 pub use error::StoreError;
-pub use topic_store::{FetchResult, PartitionOffsets, TopicInfo, TopicStore, TopicStoreOptions};
+pub use topic_store::{
+    FetchResult, GroupPartitionView, GroupView, MemberView, PartitionOffsets, TopicInfo, TopicStore, TopicStoreOptions,
+};

@@ -5,7 +5,8 @@
 //! - `gN.meta`: `applied` (the replication layer's opaque applied position: last log id and
 //!   membership), `next_topic_id`, `t/<name>` → [`TopicMeta`], `p/<topic id><partition>` →
 //!   [`PartitionState`], `reclaim/<topic id>` → deleted topics whose batches are still to delete,
-//!   `next_producer_id`, `s/<producer id><topic id><partition>` → [`ProducerState`];
+//!   `next_producer_id`, `s/<producer id><topic id><partition>` → [`ProducerState`],
+//!   `grp/<group>` → [`GroupState`] (members, assignments, generation, committed offsets);
 //! - `gN.records`: `[topic id][partition][base offset]` → one stored batch ([`crate::batch`]).
 //!
 //! Every apply writes its data *and* the applied position in one sled transaction over both trees,
@@ -17,17 +18,18 @@
 //! reading. That is what lets an export read a consistent point-in-time view while appends go on:
 //! the data is append-only and bounded by the end offsets captured at the snapshot's index.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use busbar_types::{Command, CommandResponse, ErrorCode, ProducerSeq, Record, TopicName};
+use busbar_types::{Command, CommandResponse, ErrorCode, GroupName, ProducerSeq, Record, TopicName};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::groups::{GroupState, Topics};
 use crate::snapshot_file::{FrameKind, FrameReader, FrameWriter};
 use crate::{batch, checked, durable, StoreError};
 
@@ -70,6 +72,45 @@ pub struct PartitionOffsets {
     pub partition: u32,
     pub start_offset: u64,
     pub end_offset: u64,
+}
+
+/// A consumer group as the API shows it: topic ids resolved to names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupView {
+    pub name: String,
+    pub generation: u64,
+    pub rebalancing: bool,
+    pub members: Vec<MemberView>,
+    /// Every partition the group subscribes to or has an offset for.
+    pub partitions: Vec<GroupPartitionView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberView {
+    pub id: String,
+    pub topics: Vec<String>,
+    pub session_timeout_ms: u32,
+    pub assigned: Vec<(String, u32)>,
+    pub revoking: Vec<(String, u32)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupPartitionView {
+    pub topic: String,
+    pub partition: u32,
+    pub committed: Option<u64>,
+    pub start_offset: u64,
+    pub end_offset: u64,
+    /// Member consuming it, if any.
+    pub owner: Option<String>,
+}
+
+impl GroupPartitionView {
+    /// Records not yet consumed: end offset minus committed offset (from the start offset when the
+    /// group has committed nothing there).
+    pub fn lag(&self) -> u64 {
+        self.end_offset.saturating_sub(self.committed.unwrap_or(self.start_offset).max(self.start_offset))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -137,6 +178,9 @@ struct Inner {
     /// Idempotent producers' recent batches. Only apply reads and writes them (under `apply_lock`),
     /// so they live apart from `Meta`, which is copied on every apply.
     producers: Mutex<HashMap<ProducerKey, ProducerState>>,
+    /// Consumer groups. Written by apply (under `apply_lock`) after its transaction commits; read by
+    /// the API.
+    groups: RwLock<BTreeMap<String, GroupState>>,
 }
 
 const GENERATION_KEY: &[u8] = b"generation";
@@ -162,6 +206,10 @@ fn producer_key((pid, topic_id, partition): ProducerKey) -> Vec<u8> {
     [b"s/".as_slice(), &pid.to_be_bytes(), &topic_id.to_be_bytes(), &partition.to_be_bytes()].concat()
 }
 
+fn group_key(name: &str) -> Vec<u8> {
+    [b"grp/".as_slice(), name.as_bytes()].concat()
+}
+
 fn reclaim_key(topic_id: u32) -> Vec<u8> {
     [b"reclaim/".as_slice(), &topic_id.to_be_bytes()].concat()
 }
@@ -179,6 +227,7 @@ struct SnapshotHeader {
     topics: Vec<TopicMeta>,
     partitions: Vec<(u32, u32, PartitionState)>,
     producers: Vec<(ProducerKey, ProducerState)>,
+    groups: Vec<(String, GroupState)>,
 }
 
 /// What an export wrote.
@@ -212,6 +261,7 @@ impl TopicStore {
         let generation = open_generation(&db, gen_id)?;
         let meta = load_meta(&generation.meta_tree)?;
         let producers = load_producers(&generation.meta_tree)?;
+        let groups = load_groups(&generation.meta_tree)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -221,6 +271,7 @@ impl TopicStore {
                 export_guard: RwLock::new(()),
                 retired: Mutex::new(Vec::new()),
                 producers: Mutex::new(producers),
+                groups: RwLock::new(groups),
             }),
         })
     }
@@ -245,10 +296,13 @@ impl TopicStore {
         let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
         let cur = self.current()?;
         let mut producers = self.inner.producers.lock().map_err(lock_err)?;
+        let groups = self.inner.groups.read().map_err(lock_err)?.clone();
         let mut w = Work {
             meta: (*cur.meta).clone(),
             producers: &producers,
             touched: HashMap::new(),
+            groups,
+            touched_groups: BTreeSet::new(),
             meta_batch: sled::Batch::default(),
             records_batch: sled::Batch::default(),
         };
@@ -260,7 +314,13 @@ impl TopicStore {
             };
             responses.push(resp);
         }
-        let Work { mut meta, touched, mut meta_batch, records_batch, .. } = w;
+        let Work { mut meta, touched, mut meta_batch, records_batch, groups, touched_groups, .. } = w;
+        for name in &touched_groups {
+            match groups.get(name) {
+                Some(g) => meta_batch.insert(group_key(name), checked::seal_bincode("group", g)?),
+                None => meta_batch.remove(group_key(name)),
+            }
+        }
         meta.applied = Some(applied_after.clone());
         meta_batch.insert(APPLIED_KEY, checked::seal(&applied_after));
 
@@ -281,6 +341,9 @@ impl TopicStore {
                 Some(st) => producers.insert(k, st),
                 None => producers.remove(&k),
             };
+        }
+        if !touched_groups.is_empty() {
+            *self.inner.groups.write().map_err(lock_err)? = groups;
         }
         Ok(responses)
     }
@@ -405,8 +468,11 @@ impl TopicStore {
             let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
             let producers: Vec<_> =
                 self.inner.producers.lock().map_err(lock_err)?.iter().map(|(k, v)| (*k, v.clone())).collect();
-            (self.current()?, producers)
+            let groups: Vec<_> =
+                self.inner.groups.read().map_err(lock_err)?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            (self.current()?, (producers, groups))
         };
+        let (producers, groups) = producers;
         let meta = &cur.meta;
         let header = SnapshotHeader {
             applied: meta.applied.as_ref().map(|b| b.to_vec()),
@@ -415,6 +481,7 @@ impl TopicStore {
             topics: meta.topics.values().cloned().collect(),
             partitions: meta.partitions.iter().map(|(&(t, p), s)| (t, p, *s)).collect(),
             producers,
+            groups,
         };
         let header = bincode::serialize(&header).map_err(|e| StoreError::corrupt("snapshot header", e.to_string()))?;
         let io_err = |e| StoreError::io("write snapshot", e);
@@ -450,8 +517,10 @@ impl TopicStore {
         self.inner.db.drop_tree(rec.as_bytes())?;
         let gen = open_generation(&self.inner.db, new_id)?;
         let filled = fill_generation(&gen, r, what);
-        let loaded = filled.and_then(|()| Ok((load_meta(&gen.meta_tree)?, load_producers(&gen.meta_tree)?)));
-        let (meta, producers) = match loaded {
+        let loaded = filled.and_then(|()| {
+            Ok((load_meta(&gen.meta_tree)?, (load_producers(&gen.meta_tree)?, load_groups(&gen.meta_tree)?)))
+        });
+        let (meta, (producers, groups)) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
                 let _ = self.inner.db.drop_tree(m.as_bytes());
@@ -465,6 +534,7 @@ impl TopicStore {
         let applied = meta.applied.clone();
         *self.inner.current.write().map_err(lock_err)? = Current { generation: gen, meta: Arc::new(meta) };
         *self.inner.producers.lock().map_err(lock_err)? = producers;
+        *self.inner.groups.write().map_err(lock_err)? = groups;
         self.inner.retired.lock().map_err(lock_err)?.push(old.generation.id);
         Ok(applied)
     }
@@ -511,6 +581,92 @@ impl TopicStore {
     /// Number of topics whose data is still waiting for [`TopicStore::reclaim`].
     pub fn pending_reclaim(&self) -> Result<usize, StoreError> {
         Ok(self.current()?.generation.meta_tree.scan_prefix(b"reclaim/").count())
+    }
+
+    /// Names of every consumer group.
+    pub fn group_names(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.inner.groups.read().map_err(lock_err)?.keys().cloned().collect())
+    }
+
+    /// A consumer group with names resolved and offsets, or `None` if it does not exist.
+    pub fn group(&self, name: &str) -> Result<Option<GroupView>, StoreError> {
+        let cur = self.current()?;
+        let groups = self.inner.groups.read().map_err(lock_err)?;
+        let Some(g) = groups.get(name) else { return Ok(None) };
+        let names: HashMap<u32, &TopicName> = cur.meta.topics.values().map(|t| (t.id, &t.name)).collect();
+        let named = |tps: &BTreeSet<(u32, u32)>| -> Vec<(String, u32)> {
+            tps.iter().filter_map(|(t, p)| names.get(t).map(|n| (n.to_string(), *p))).collect()
+        };
+        let mut owner: HashMap<(u32, u32), &str> = HashMap::new();
+        for (id, m) in &g.members {
+            for tp in m.assigned.iter().chain(m.revoking.iter()) {
+                owner.insert(*tp, id.as_str());
+            }
+        }
+        let mut tps: BTreeSet<(u32, u32)> = g.committed.keys().copied().collect();
+        for m in g.members.values() {
+            for t in &m.topics {
+                if let Some(meta) = cur.meta.topics.get(t) {
+                    tps.extend((0..meta.partitions).map(|p| (meta.id, p)));
+                }
+            }
+        }
+        let partitions = tps
+            .into_iter()
+            .filter_map(|tp| {
+                let topic = names.get(&tp.0)?.to_string();
+                let st = cur.meta.partitions.get(&tp).copied().unwrap_or_default();
+                Some(GroupPartitionView {
+                    topic,
+                    partition: tp.1,
+                    committed: g.committed.get(&tp).copied(),
+                    start_offset: st.start_offset,
+                    end_offset: st.end_offset,
+                    owner: owner.get(&tp).map(|s| s.to_string()),
+                })
+            })
+            .collect();
+        Ok(Some(GroupView {
+            name: name.to_string(),
+            generation: g.generation,
+            rebalancing: g.is_rebalancing(),
+            members: g
+                .members
+                .iter()
+                .map(|(id, m)| MemberView {
+                    id: id.clone(),
+                    topics: m.topics.iter().map(|t| t.to_string()).collect(),
+                    session_timeout_ms: m.session_timeout_ms,
+                    assigned: named(&m.assigned),
+                    revoking: named(&m.revoking),
+                })
+                .collect(),
+            partitions,
+        }))
+    }
+
+    /// Every member of every group with its session timeout: what the coordinator watches.
+    pub fn group_members(&self) -> Result<Vec<(String, String, u32)>, StoreError> {
+        let groups = self.inner.groups.read().map_err(lock_err)?;
+        Ok(groups
+            .iter()
+            .flat_map(|(g, st)| st.members.iter().map(move |(m, ms)| (g.clone(), m.clone(), ms.session_timeout_ms)))
+            .collect())
+    }
+
+    /// Groups in the middle of a cooperative rebalance: (group, generation, members that must
+    /// acknowledge a revocation).
+    pub fn rebalancing_groups(&self) -> Result<Vec<(String, u64, Vec<String>)>, StoreError> {
+        let groups = self.inner.groups.read().map_err(lock_err)?;
+        Ok(groups
+            .iter()
+            .filter(|(_, g)| g.is_rebalancing())
+            .map(|(name, g)| {
+                let revokers =
+                    g.members.iter().filter(|(_, m)| !m.revoking.is_empty()).map(|(id, _)| id.clone()).collect();
+                (name.clone(), g.generation, revokers)
+            })
+            .collect())
     }
 
     /// Bytes sled's files take on disk.
@@ -572,6 +728,17 @@ fn load_meta(tree: &sled::Tree) -> Result<Meta, StoreError> {
     Ok(meta)
 }
 
+fn load_groups(tree: &sled::Tree) -> Result<BTreeMap<String, GroupState>, StoreError> {
+    let mut out = BTreeMap::new();
+    for kv in tree.scan_prefix(b"grp/") {
+        let (k, v) = kv?;
+        let name = String::from_utf8_lossy(&k[4..]).to_string();
+        let g: GroupState = checked::open_bincode(&|| format!("group {name}"), &v)?;
+        out.insert(name, g);
+    }
+    Ok(out)
+}
+
 fn load_producers(tree: &sled::Tree) -> Result<HashMap<ProducerKey, ProducerState>, StoreError> {
     let mut out = HashMap::new();
     for kv in tree.scan_prefix(b"s/") {
@@ -590,7 +757,7 @@ fn load_producers(tree: &sled::Tree) -> Result<HashMap<ProducerKey, ProducerStat
     Ok(out)
 }
 
-fn rejected(code: ErrorCode, message: String) -> CommandResponse {
+pub(crate) fn rejected(code: ErrorCode, message: String) -> CommandResponse {
     CommandResponse::Rejected { code, message }
 }
 
@@ -600,6 +767,9 @@ struct Work<'a> {
     meta: Meta,
     producers: &'a HashMap<ProducerKey, ProducerState>,
     touched: HashMap<ProducerKey, Option<ProducerState>>,
+    /// A working copy of the groups, and which ones this apply changed (to write back).
+    groups: BTreeMap<String, GroupState>,
+    touched_groups: BTreeSet<String>,
     meta_batch: sled::Batch,
     records_batch: sled::Batch,
 }
@@ -619,6 +789,29 @@ impl Work<'_> {
             Command::Produce { topic, partition, records, producer } => {
                 self.produce(topic, *partition, records, *producer)?
             }
+            Command::JoinGroup { group, member_id, topics, session_timeout_ms } => {
+                self.with_group(group, true, |g, t| g.join(member_id, topics, *session_timeout_ms, t))
+            }
+            Command::LeaveGroup { group, member_id } => self.with_group(group, false, |g, t| g.leave(member_id, t)),
+            Command::CompleteRebalance { group, generation } => {
+                self.with_group(group, false, |g, t| g.complete(*generation, t))
+            }
+            Command::CommitOffsets { group, member_id, generation, offsets } => {
+                self.with_group(group, false, |g, t| g.commit(member_id, *generation, offsets, t))
+            }
+            Command::ResetOffsets { group, topic, to } => self.with_group(group, true, |g, t| g.reset(topic, *to, t)),
+            Command::DeleteGroup { group } => match self.groups.get(group.as_str()) {
+                None => rejected(ErrorCode::GroupIdNotFound, format!("no group {group}")),
+                Some(g) if !g.members.is_empty() => rejected(
+                    ErrorCode::NonEmptyGroup,
+                    format!("group {group} has {} active member(s); stop them first", g.members.len()),
+                ),
+                Some(_) => {
+                    self.groups.remove(group.as_str());
+                    self.touched_groups.insert(group.to_string());
+                    CommandResponse::GroupChanged { generation: 0 }
+                }
+            },
             Command::InitProducerId => {
                 let id = self.meta.next_producer_id;
                 self.meta.next_producer_id = id
@@ -631,6 +824,43 @@ impl Work<'_> {
                 CommandResponse::ProducerIdAssigned { producer_id: id }
             }
         })
+    }
+
+    /// Runs `f` on a group (created first if `create`; otherwise a missing group is refused), and
+    /// marks it to be written back if `f` changed it.
+    fn with_group(
+        &mut self,
+        group: &GroupName,
+        create: bool,
+        f: impl FnOnce(&mut GroupState, &Topics<'_>) -> CommandResponse,
+    ) -> CommandResponse {
+        let name = group.to_string();
+        let mut g = match self.groups.get(&name) {
+            Some(g) => g.clone(),
+            None if create => GroupState::default(),
+            None => return rejected(ErrorCode::GroupIdNotFound, format!("no group {group}")),
+        };
+        let topics = Topics { by_name: &self.meta.topics, partitions: &self.meta.partitions };
+        let resp = f(&mut g, &topics);
+        if !matches!(resp, CommandResponse::Rejected { .. }) {
+            self.groups.insert(name.clone(), g);
+            self.touched_groups.insert(name);
+        }
+        resp
+    }
+
+    /// After a topic is created or deleted: groups that subscribe to it (or hold offsets of it)
+    /// drop what no longer exists and rebalance.
+    fn topics_changed(&mut self, topic: &TopicName, deleted_id: Option<u32>) {
+        let topics = Topics { by_name: &self.meta.topics, partitions: &self.meta.partitions };
+        for (name, g) in self.groups.iter_mut() {
+            let subscribed = g.members.values().any(|m| m.topics.contains(topic));
+            let has_offsets = deleted_id.is_some_and(|id| g.committed.keys().any(|(t, _)| *t == id));
+            if subscribed || has_offsets {
+                g.topics_changed(&topics);
+                self.touched_groups.insert(name.clone());
+            }
+        }
     }
 
     fn create_topic(&mut self, name: &TopicName, partitions: u32) -> Result<CommandResponse, StoreError> {
@@ -653,6 +883,7 @@ impl Work<'_> {
             self.meta_batch.insert(partition_key(id, p), checked::seal_bincode("partition state", &s)?);
         }
         meta.topics.insert(name.clone(), t);
+        self.topics_changed(name, None);
         Ok(CommandResponse::TopicCreated { topic_id: id })
     }
 
@@ -673,6 +904,7 @@ impl Work<'_> {
             self.touched.insert(k, None);
         }
         self.meta_batch.insert(reclaim_key(t.id), checked::seal_bincode("reclaim", &t.partitions)?);
+        self.topics_changed(name, Some(t.id));
         Ok(CommandResponse::TopicDeleted)
     }
 
@@ -771,6 +1003,9 @@ fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<(), St
     mb.insert(NEXT_PRODUCER_ID_KEY, checked::seal_bincode("next producer id", &header.next_producer_id)?);
     for (k, st) in &header.producers {
         mb.insert(producer_key(*k), checked::seal_bincode("producer state", st)?);
+    }
+    for (name, g) in &header.groups {
+        mb.insert(group_key(name), checked::seal_bincode("group", g)?);
     }
     for t in &header.topics {
         mb.insert(topic_key(&t.name), checked::seal_bincode("topic", t)?);

@@ -11,6 +11,10 @@ use crate::error::ErrorCode;
 use crate::record::Record;
 use crate::topic::TopicName;
 
+/// A consumer group's name. Same rule as topic names (1 to 249 of `[a-zA-Z0-9._-]`): group names
+/// show up in paths, metrics labels and CLI arguments, where the same safety helps.
+pub type GroupName = TopicName;
+
 /// An idempotent producer's identity on one batch: its id, and the batch's sequence number in the
 /// partition (0, 1, 2, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +43,50 @@ pub enum Command {
     },
     /// Hand out a new producer id (unique in the cluster, never reused).
     InitProducerId,
+    /// A member joins (or rejoins, with new subscriptions) a consumer group; the group rebalances.
+    /// `member_id` is chosen by the coordinator before proposing, so every replica agrees on it.
+    JoinGroup {
+        group: GroupName,
+        member_id: String,
+        topics: Vec<TopicName>,
+        session_timeout_ms: u32,
+    },
+    /// A member leaves, explicitly or because its session expired; the group rebalances.
+    LeaveGroup {
+        group: GroupName,
+        member_id: String,
+    },
+    /// Every revocation of `generation` was acknowledged: hand the released partitions over.
+    CompleteRebalance {
+        group: GroupName,
+        generation: u64,
+    },
+    /// A member commits offsets (the next offset to consume) of partitions it owns in `generation`.
+    CommitOffsets {
+        group: GroupName,
+        member_id: String,
+        generation: u64,
+        offsets: Vec<(TopicName, u32, u64)>,
+    },
+    /// An admin moves an inactive group's offsets of one topic.
+    ResetOffsets {
+        group: GroupName,
+        topic: TopicName,
+        to: OffsetReset,
+    },
+    /// An admin deletes an inactive group and its offsets.
+    DeleteGroup {
+        group: GroupName,
+    },
+}
+
+/// Where [`Command::ResetOffsets`] moves a group's offsets: resolved at apply time, from the
+/// partitions' offsets at that point of the log, so every replica resolves it alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+    Offset(u64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +105,10 @@ pub enum CommandResponse {
     },
     ProducerIdAssigned {
         producer_id: u64,
+    },
+    /// A group changed (membership, assignment or offsets); `generation` is its generation after.
+    GroupChanged {
+        generation: u64,
     },
     /// The state machine refused the command; nothing was changed.
     Rejected {

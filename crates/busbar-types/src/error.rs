@@ -21,6 +21,12 @@ pub enum ErrorCode {
     RecordTooLarge = 10,
     InvalidTopic = 17,
     RecordListTooLarge = 18,
+    /// A group member's request names a generation that is not the group's current one.
+    IllegalGeneration = 22,
+    InvalidGroupId = 24,
+    /// The member is not (or no longer) in the group: it must join again.
+    UnknownMemberId = 25,
+    InvalidSessionTimeout = 26,
     TopicAlreadyExists = 36,
     InvalidPartitions = 37,
     InvalidRequest = 42,
@@ -31,6 +37,9 @@ pub enum ErrorCode {
     KafkaStorageError = 56,
     /// The producer id was never handed out by this cluster.
     UnknownProducerId = 59,
+    /// The group has members; the operation needs an inactive group.
+    NonEmptyGroup = 68,
+    GroupIdNotFound = 69,
     /// The write may or may not have been committed (for example a timeout across a leader change).
     /// Retrying an idempotent write is safe; a non-idempotent one must be checked first.
     Indeterminate = 1000,
@@ -53,6 +62,10 @@ impl ErrorCode {
         ErrorCode::RecordTooLarge,
         ErrorCode::InvalidTopic,
         ErrorCode::RecordListTooLarge,
+        ErrorCode::IllegalGeneration,
+        ErrorCode::InvalidGroupId,
+        ErrorCode::UnknownMemberId,
+        ErrorCode::InvalidSessionTimeout,
         ErrorCode::TopicAlreadyExists,
         ErrorCode::InvalidPartitions,
         ErrorCode::InvalidRequest,
@@ -60,6 +73,8 @@ impl ErrorCode {
         ErrorCode::DuplicateSequenceNumber,
         ErrorCode::KafkaStorageError,
         ErrorCode::UnknownProducerId,
+        ErrorCode::NonEmptyGroup,
+        ErrorCode::GroupIdNotFound,
         ErrorCode::Indeterminate,
         ErrorCode::MembershipChangeFailed,
         ErrorCode::ShuttingDown,

@@ -8,7 +8,7 @@ pub mod error;
 pub mod record;
 pub mod topic;
 
-pub use command::{Command, CommandResponse, ProducerSeq};
+pub use command::{Command, CommandResponse, GroupName, OffsetReset, ProducerSeq};
 pub use error::{ApiError, ErrorCode};
 pub use record::{Header, Record};
 pub use topic::{TopicName, TopicNameError};
