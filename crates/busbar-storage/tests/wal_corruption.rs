@@ -236,3 +236,43 @@ fn gap_between_segments_refuses_to_open() {
     std::fs::remove_file(&segs[1]).unwrap();
     assert_corrupt_at(Wal::open(dir.path(), opts()), &segs[2], 0);
 }
+
+/// Regression (found by the process-level tests): a damaged length field in the *last* segment made
+/// its frame appear to run past the end of the file, and recovery cut it as a torn tail, silently
+/// dropping the synced frames after it. A whole valid frame of a later index after the bad one proves
+/// the damage is inside the log.
+#[test]
+fn length_field_damaged_in_the_last_segment_with_frames_after_it_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }).unwrap();
+    for i in 1..=20 {
+        wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
+    }
+    wal.close().unwrap();
+    let last = segments(dir.path()).pop().unwrap();
+    let offs = frame_offsets(&last);
+    let victim = offs[10];
+    // +4096 on the length: within the entry limit, far past the end of this small file.
+    let f = OpenOptions::new().read(true).write(true).open(&last).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, victim + 5).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], victim + 5).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_corrupt_at(Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }), &last, victim);
+    // The same damage on the very last frame is a torn tail: nothing follows it.
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }).unwrap();
+    for i in 1..=20 {
+        wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
+    }
+    wal.close().unwrap();
+    let last = segments(dir.path()).pop().unwrap();
+    let victim = *frame_offsets(&last).last().unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&last).unwrap();
+    f.read_exact_at(&mut b, victim + 5).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], victim + 5).unwrap();
+    drop(f);
+    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }).unwrap();
+    assert_eq!(wal.last_index(), Some(19));
+}

@@ -160,8 +160,9 @@ impl Scan<'_> {
                 return Ok(Found { end: off, last_index });
             }
             let remaining = file_len - off;
+            let want = expected.unwrap_or(self.base);
             if remaining < FRAME_HEADER as u64 {
-                return self.bad(file, &mut rd, off, Bad::Incomplete).map(|end| Found { end, last_index });
+                return self.bad(file, &mut rd, off, want, Bad::Incomplete).map(|end| Found { end, last_index });
             }
             let mut head = [0u8; FRAME_HEADER];
             rd.read_exact(&mut head).map_err(io_err("read"))?;
@@ -169,21 +170,20 @@ impl Scan<'_> {
             let len = h.len as usize;
             if len > MAX_ENTRY_BYTES {
                 let bad = Bad::Invalid(format!("frame length {len} above the limit of {MAX_ENTRY_BYTES}"));
-                return self.bad(file, &mut rd, off, bad).map(|end| Found { end, last_index });
+                return self.bad(file, &mut rd, off, want, bad).map(|end| Found { end, last_index });
             }
             if remaining - (FRAME_HEADER as u64) < len as u64 {
-                return self.bad(file, &mut rd, off, Bad::Incomplete).map(|end| Found { end, last_index });
+                return self.bad(file, &mut rd, off, want, Bad::Incomplete).map(|end| Found { end, last_index });
             }
             payload.resize(len, 0);
             rd.read_exact(&mut payload).map_err(io_err("read"))?;
             let actual = frame_crc(&head, &payload);
             if actual != h.crc {
                 let bad = Bad::Invalid(format!("crc32 mismatch: stored {:#010x}, computed {actual:#010x}", h.crc));
-                return self.bad(file, &mut rd, off, bad).map(|end| Found { end, last_index });
+                return self.bad(file, &mut rd, off, want, bad).map(|end| Found { end, last_index });
             }
 
             // A frame with a good checksum at the wrong index cannot come from a torn write: always fatal.
-            let want = expected.unwrap_or(self.base);
             if last_index.is_none() && h.index != self.base {
                 return Err(WalError::corrupt(
                     self.path,
@@ -213,10 +213,25 @@ impl Scan<'_> {
 
     /// Decides what a bad frame at `off` means. Returns the length to cut the file to if it is a torn
     /// tail; `rd` is positioned just after the part of the frame that was read.
-    fn bad(&self, file: &File, rd: &mut BufReader<&File>, off: u64, bad: Bad) -> Result<u64, WalError> {
+    fn bad(&self, file: &File, rd: &mut BufReader<&File>, off: u64, want: u64, bad: Bad) -> Result<u64, WalError> {
         let torn = self.is_last
             && match &bad {
-                Bad::Incomplete => true,
+                // A frame that seems to run past the end is a torn append, unless its length field is
+                // what was damaged: then whole frames of later indexes follow it, synced and perhaps
+                // acknowledged, and cutting there would silently drop them.
+                Bad::Incomplete => match later_frame(file, off, want).map_err(WalError::io("read", self.path))? {
+                    None => true,
+                    Some((at, index)) => {
+                        return Err(WalError::corrupt(
+                            self.path,
+                            off,
+                            format!(
+                                "frame for index {want} claims to run past the end of the file, but a valid frame \
+                                 for index {index} follows at byte {at}: its header is damaged"
+                            ),
+                        ))
+                    }
+                },
                 // A frame torn by a power loss shows up as zeros where its pages never reached the disk.
                 // Any non-zero byte after it means data was written after the bad frame, and that data may
                 // be acknowledged: then the frame is damage inside the log, not its torn end.
@@ -242,6 +257,33 @@ impl Scan<'_> {
         file.sync_data().map_err(WalError::io("fsync", self.path))?;
         Ok(off)
     }
+}
+
+/// Looks for a whole, valid frame of an index above `want` anywhere after `off` (at any byte offset:
+/// after a damaged length field the frame boundaries are unknown). Only runs on the last segment's
+/// bad tail, which is at most one segment long.
+fn later_frame(file: &File, off: u64, want: u64) -> io::Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let rest = usize::try_from(len.saturating_sub(off)).unwrap_or(usize::MAX);
+    let mut buf = vec![0u8; rest];
+    file.read_exact_at(&mut buf, off)?;
+    // At most one frame per header-size step can follow: a cheap upper bound on plausible indexes.
+    let max_index = want.saturating_add((rest / FRAME_HEADER) as u64 + 1);
+    for i in 1..buf.len().saturating_sub(FRAME_HEADER - 1) {
+        let Some(head) = buf.get(i..i + FRAME_HEADER).and_then(|h| <&[u8; FRAME_HEADER]>::try_from(h).ok()) else {
+            break;
+        };
+        let h = parse_header(head);
+        if h.index <= want || h.index > max_index || h.len as usize > buf.len() - i - FRAME_HEADER {
+            continue;
+        }
+        let payload = &buf[i + FRAME_HEADER..i + FRAME_HEADER + h.len as usize];
+        if frame_crc(head, payload) == h.crc {
+            return Ok(Some((off + i as u64, h.index)));
+        }
+    }
+    Ok(None)
 }
 
 fn rest_is_zero(rd: &mut impl Read) -> io::Result<bool> {
