@@ -50,7 +50,37 @@ impl LogStore {
     }
 }
 
+/// Bytes of entries one replication message carries at most (always at least one entry): openraft
+/// gives a message one heartbeat interval, and a count limit alone lets 64 batches of 1 MiB make a
+/// 64 MiB message that keeps timing out on a slow link or disk.
+pub const MAX_REPLICATION_BYTES: usize = 4 << 20;
+
 impl RaftLogReader<TypeConfig> for LogStore {
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut at = start;
+        while at < end && (out.is_empty() || bytes < MAX_REPLICATION_BYTES) {
+            // Small steps, so the cap is overshot by at most one step's entries.
+            let step_end = end.min(at.saturating_add(8));
+            let raw = self.wal.read_range(at, step_end).map_err(|e| StorageIOError::read_logs(&e))?;
+            if raw.is_empty() {
+                break;
+            }
+            for (i, b) in &raw {
+                if !out.is_empty() && bytes >= MAX_REPLICATION_BYTES {
+                    return Ok(out);
+                }
+                bytes += b.len();
+                out.push(
+                    codec::decode::<Entry>("log entry", b).map_err(|e| StorageIOError::read_log_at_index(*i, &e))?,
+                );
+            }
+            at = step_end;
+        }
+        Ok(out)
+    }
+
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -138,5 +168,49 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let meta = codec::encode("purge point", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
         self.wal.purge(log_id.index, Bytes::from(meta)).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use busbar_storage::wal::WalOptions;
+    use busbar_types::{Command, Record, TopicName};
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn big_entry(index: u64, bytes: usize) -> Entry {
+        let record = Record { key: None, value: Bytes::from(vec![7u8; bytes]), headers: vec![], timestamp_ms: 1 };
+        let cmd = Command::Produce {
+            topic: TopicName::new("t").unwrap(),
+            partition: 0,
+            records: vec![record],
+            producer: None,
+        };
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) }
+    }
+
+    #[tokio::test]
+    async fn replication_reads_are_capped_in_bytes_but_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        let mut store = LogStore::new(wal.clone());
+        let entries: Vec<(u64, Bytes)> =
+            (1..=20).map(|i| (i, Bytes::from(codec::encode("e", &big_entry(i, 1 << 20)).unwrap()))).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        wal.append(entries, Box::new(move |r| tx.send(r.is_ok()).unwrap())).unwrap();
+        assert!(rx.recv().unwrap());
+        let got = store.limited_get_log_entries(1, 21).await.unwrap();
+        // 1 MiB entries against a 4 MiB cap: four or five, in order from the start.
+        assert!((4..=5).contains(&got.len()), "{} entries", got.len());
+        assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (1..=got.len() as u64).collect::<Vec<_>>());
+        // One entry above the cap still comes back alone.
+        let huge = Bytes::from(codec::encode("e", &big_entry(21, MAX_REPLICATION_BYTES + 10)).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        wal.append(vec![(21, huge)], Box::new(move |r| tx.send(r.is_ok()).unwrap())).unwrap();
+        assert!(rx.recv().unwrap());
+        assert_eq!(store.limited_get_log_entries(21, 22).await.unwrap().len(), 1);
+        // A small range is returned whole.
+        assert_eq!(store.limited_get_log_entries(3, 5).await.unwrap().len(), 2);
     }
 }
