@@ -131,3 +131,35 @@ async fn a_dead_broker_in_the_list_costs_one_bounded_connect_not_a_failed_comman
     c.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_stop_is_not_held_up_by_open_subscriptions_or_long_polls() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(1).await?;
+    let client = c.client().await?;
+    client.create_topic("w", 1).await?;
+    let mut grpc = BusbarClient::connect(format!("http://{}", c.addr(1))).await?;
+    let mut sub = grpc
+        .subscribe(pb::SubscribeRequest { topic: "w".into(), partition: 0, offset: 0, max_records: 0, max_bytes: 0 })
+        .await?
+        .into_inner();
+    let poll = tokio::spawn({
+        let client = client.clone();
+        async move { client.fetch_wait("w", 0, 0, 10, Duration::from_secs(25)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), c.shutdown()).await?;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The long poll was answered (empty), and the subscription ended with SHUTTING_DOWN.
+    let polled = tokio::time::timeout(Duration::from_secs(5), poll).await??;
+    assert!(polled.map(|r| r.records.is_empty()).unwrap_or(true));
+    let ended = tokio::time::timeout(Duration::from_secs(5), sub.next()).await?;
+    match ended {
+        Some(Err(st)) => {
+            assert_eq!(st.metadata().get(busbar_proto::ERROR_CODE_KEY).and_then(|v| v.to_str().ok()), Some("1002"))
+        }
+        None => {}
+        Some(Ok(m)) => panic!("unexpected message {m:?}"),
+    }
+    Ok(())
+}

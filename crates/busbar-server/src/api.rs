@@ -43,14 +43,17 @@ struct Inner {
     limits: Limits,
     /// Spreads keyless batches that name no partition over the partitions.
     next_keyless: AtomicU32,
+    /// Turns true when the node stops: long polls answer and subscriptions end, so a graceful stop
+    /// (which waits for open requests) is not held up by a reader waiting for data.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl BusbarService {
-    pub fn new(node: RaftNode, limits: Limits) -> Self {
+    pub fn new(node: RaftNode, limits: Limits, stop: tokio::sync::watch::Receiver<bool>) -> Self {
         let proposer = Proposer { node: node.clone(), timeout: limits.write_timeout };
-        Self { inner: Arc::new(Inner { node, proposer, limits, next_keyless: AtomicU32::new(0) }) }
+        Self { inner: Arc::new(Inner { node, proposer, limits, next_keyless: AtomicU32::new(0), stop }) }
     }
 }
 
@@ -381,18 +384,23 @@ impl Busbar for BusbarService {
         let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_FETCH_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let mut applied = self.inner.node.applied.clone();
+        let mut stop = self.inner.stop.clone();
         loop {
             // Marked seen before reading, so a commit between the read and the wait is not missed.
             applied.borrow_and_update();
             let r =
                 self.inner.read(req.topic.clone(), req.partition, req.offset, req.max_records, req.max_bytes).await?;
-            if !r.records.is_empty() || tokio::time::Instant::now() >= deadline {
+            if !r.records.is_empty() || tokio::time::Instant::now() >= deadline || *stop.borrow() {
                 return Ok(Response::new(fetch_to_wire(r)));
             }
-            match tokio::time::timeout_at(deadline, applied.changed()).await {
-                Ok(Ok(())) => continue,
-                // Timed out, or the node is stopping: answer with what there is (nothing).
-                _ => return Ok(Response::new(fetch_to_wire(r))),
+            tokio::select! {
+                changed = tokio::time::timeout_at(deadline, applied.changed()) => {
+                    if !matches!(changed, Ok(Ok(()))) {
+                        // Timed out, or the state machine is gone: answer with what there is.
+                        return Ok(Response::new(fetch_to_wire(r)));
+                    }
+                }
+                _ = stop.changed() => return Ok(Response::new(fetch_to_wire(r))),
             }
         }
     }
@@ -409,6 +417,7 @@ impl Busbar for BusbarService {
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let mut applied = inner.node.applied.clone();
+            let mut stop = inner.stop.clone();
             let mut offset = req.offset;
             let mut pending = Some(first);
             loop {
@@ -431,9 +440,16 @@ impl Busbar for BusbarService {
                         return;
                     }
                 }
+                if *stop.borrow() {
+                    let _ =
+                        tx.send(Err(api(ErrorCode::ShuttingDown, "the node is stopping; resubscribe elsewhere"))).await;
+                    return;
+                }
                 tokio::select! {
                     changed = applied.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    // Stopping (checked at the top of the loop), or the server is gone: end.
+                    changed = stop.changed() => if changed.is_err() { return },
                 }
             }
         });

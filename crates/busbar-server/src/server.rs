@@ -68,7 +68,7 @@ async fn start(
     tokio::spawn(node.clone().run_reclaimer(stop_rx.clone()));
 
     let limits = cfg.limits.clone();
-    let api = BusbarServer::new(BusbarService::new(node.clone(), limits.clone()))
+    let api = BusbarServer::new(BusbarService::new(node.clone(), limits.clone(), stop_rx.clone()))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_fetch_bytes as usize + (1 << 20));
     let groups = GroupsService::new(node.clone(), Proposer { node: node.clone(), timeout: limits.write_timeout });
