@@ -7,6 +7,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{codes, ClientError};
 
+/// Timeouts and retry bounds of a [`Client`].
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     /// Bound on connecting to one broker.
@@ -15,6 +16,7 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// How many times a call retries on NOT_LEADER / no leader / unreachable broker.
     pub max_retries: u32,
+    /// Largest gRPC message sent or accepted.
     pub max_message_bytes: usize,
 }
 
@@ -30,21 +32,48 @@ impl Default for ClientOptions {
 }
 
 /// A record to produce.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record {
+    /// Records with the same key go to the same partition (Kafka's murmur2 partitioner).
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    /// Name and value pairs, kept in order; names may repeat.
     pub headers: Vec<(String, Vec<u8>)>,
     /// 0: the broker sets it.
     pub timestamp_ms: i64,
 }
 
 impl Record {
+    /// A record with this value and nothing else (no key, no headers, broker-set timestamp).
     pub fn value(v: impl Into<Vec<u8>>) -> Self {
         Self { value: v.into(), ..Default::default() }
     }
 
-    fn into_wire(self) -> pb::Record {
+    /// A keyed record: every record with the same key goes to the same partition, in order.
+    pub fn keyed(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Self { key: Some(key.into()), value: value.into(), ..Default::default() }
+    }
+
+    /// Adds a header. Names may repeat; order is kept.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the timestamp (milliseconds since the Unix epoch); 0 lets the broker set it.
+    pub fn with_timestamp_ms(mut self, ms: i64) -> Self {
+        self.timestamp_ms = ms;
+        self
+    }
+
+    /// Roughly the bytes this record takes in a batch, counted as the broker counts them against
+    /// its `max_record_bytes` and `max_batch_bytes` limits.
+    pub fn size_hint(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(n, v)| n.len() + v.len() + 8).sum();
+        self.key.as_ref().map_or(0, Vec::len) + self.value.len() + headers + 24
+    }
+
+    pub(crate) fn into_wire(self) -> pb::Record {
         pb::Record {
             key: self.key,
             value: self.value,
@@ -58,7 +87,7 @@ impl Record {
 #[derive(Clone)]
 pub struct Client {
     brokers: Vec<String>,
-    opts: ClientOptions,
+    pub(crate) opts: ClientOptions,
 }
 
 impl Client {
@@ -71,6 +100,7 @@ impl Client {
         Self::connect_with(brokers, ClientOptions::default()).await
     }
 
+    /// [`connect`](Self::connect) with explicit options.
     pub async fn connect_with<I, S>(brokers: I, opts: ClientOptions) -> Result<Self, ClientError>
     where
         I: IntoIterator<Item = S>,
@@ -85,6 +115,7 @@ impl Client {
         Ok(client)
     }
 
+    /// The brokers this client was given, in order.
     pub fn brokers(&self) -> &[String] {
         &self.brokers
     }
@@ -117,7 +148,25 @@ impl Client {
     /// Runs `call` against a broker, retrying on another broker or the named leader when the
     /// answer says so. `call` must be safe to repeat (reads, and writes the server deduplicates or
     /// that fail definitely).
-    pub(crate) async fn with_retry<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    pub(crate) async fn with_retry<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        self.retry(call, true).await
+    }
+
+    /// Like [`Client::with_retry`] for a write that must not be applied twice: once the request may
+    /// have reached a broker, a failed connection is reported as INDETERMINATE, not retried.
+    pub(crate) async fn with_retry_unsent<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        self.retry(call, false).await
+    }
+
+    async fn retry<T, F, Fut>(&self, mut call: F, resend_after_transport_error: bool) -> Result<T, ClientError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
@@ -159,6 +208,16 @@ impl Client {
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(1));
                         }
+                        ClientError::NoBroker { last, .. } if !resend_after_transport_error => {
+                            return Err(ClientError::Api {
+                                code: codes::INDETERMINATE,
+                                message: format!(
+                                    "the connection failed with the request in flight ({last}): it may or may not have \
+                                     been applied"
+                                ),
+                                leader_addr: None,
+                            });
+                        }
                         ClientError::NoBroker { .. } => {
                             preferred = None;
                             tokio::time::sleep(backoff).await;
@@ -179,6 +238,7 @@ impl Client {
             .max_encoding_message_size(self.opts.max_message_bytes)
     }
 
+    /// Creates a topic with `partitions` partitions.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
         let req = pb::CreateTopicRequest { name: name.into(), partitions };
         self.with_retry(|ch| {
@@ -189,6 +249,7 @@ impl Client {
         .await
     }
 
+    /// Deletes a topic and its records.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         let req = pb::DeleteTopicRequest { name: name.into() };
         self.with_retry(|ch| {
@@ -199,6 +260,7 @@ impl Client {
         .await
     }
 
+    /// Every topic with its partition count.
     pub async fn list_topics(&self) -> Result<Vec<pb::TopicInfo>, ClientError> {
         self.with_retry(|ch| {
             let mut c = self.api(ch);
@@ -224,12 +286,7 @@ impl Client {
             producer_id: 0,
             sequence: 0,
         };
-        self.with_retry(|ch| {
-            let req = req.clone();
-            let mut c = self.api(ch);
-            async move { c.produce(req).await.map(|r| r.into_inner()) }
-        })
-        .await
+        self.produce_request(req).await
     }
 
     /// Like [`Client::fetch`], but when no record is at `offset` yet, waits up to `max_wait` for one
@@ -264,6 +321,7 @@ impl Client {
         .await
     }
 
+    /// A topic's partition count and each partition's offsets.
     pub async fn describe_topic(&self, name: &str) -> Result<pb::DescribeTopicResponse, ClientError> {
         let req = pb::DescribeTopicRequest { name: name.into() };
         self.with_retry(|ch| {
@@ -293,16 +351,24 @@ impl Client {
     }
 
     /// Sends one produce request as given (partition, producer id and sequence included),
-    /// following leader redirects.
+    /// following leader redirects. With a producer id the request is resent after a connection
+    /// failure (the cluster answers a repeat with the original offsets); without one, a connection
+    /// failure once the request may have been sent is reported as INDETERMINATE instead.
     pub async fn produce_request(&self, req: pb::ProduceRequest) -> Result<pb::ProduceResponse, ClientError> {
-        self.with_retry(|ch| {
+        let idempotent = req.producer_id != 0;
+        let call = |ch| {
             let req = req.clone();
             let mut c = self.api(ch);
             async move { c.produce(req).await.map(|r| r.into_inner()) }
-        })
-        .await
+        };
+        if idempotent {
+            self.with_retry(call).await
+        } else {
+            self.with_retry_unsent(call).await
+        }
     }
 
+    /// Up to `max_records` committed records of a partition from `offset`, from any node.
     pub async fn fetch(
         &self,
         topic: &str,
@@ -338,6 +404,7 @@ impl Client {
         self.api(ch).fetch(req).await.map(|r| r.into_inner()).map_err(|st| ClientError::from_status(&st))
     }
 
+    /// Each partition's first retained offset and end offset.
     pub async fn list_offsets(&self, topic: &str) -> Result<Vec<pb::PartitionOffsets>, ClientError> {
         let req = pb::ListOffsetsRequest { topic: topic.into() };
         self.with_retry(|ch| {
@@ -348,6 +415,7 @@ impl Client {
         .await
     }
 
+    /// Every member of the cluster, as each reports itself.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, ClientError> {
         self.with_retry(|ch| async move {
             ClusterClient::new(ch).status(pb::ClusterStatusRequest {}).await.map(|r| r.into_inner())
@@ -368,6 +436,7 @@ impl Client {
             .map_err(|st| ClientError::from_status(&st))
     }
 
+    /// Adds a node as a learner, then promotes it to voter once it has caught up.
     pub async fn add_node(&self, id: u64, addr: &str) -> Result<(), ClientError> {
         let req = pb::AddNodeRequest { id, addr: addr.into() };
         self.with_retry(|ch| {
@@ -383,6 +452,7 @@ impl Client {
         .await
     }
 
+    /// Removes a node from the membership.
     pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
         self.with_retry(|ch| async move {
             ClusterClient::new(ch).remove_node(pb::RemoveNodeRequest { id }).await.map(|_| ())

@@ -4,26 +4,46 @@ use busbar_proto::{ERROR_CODE_KEY, LEADER_ADDR_KEY};
 /// (Kafka's numbers where they match; see `proto/busbar/v1/busbar.proto`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
+    /// The cluster answered with a numbered error (see [`codes`]).
     #[error("error {code}: {message}")]
     Api { code: i32, message: String, leader_addr: Option<String> },
+    /// No broker could be reached, or the connection failed mid-call (no Busbar code).
     #[error("no broker reachable among {brokers:?}: {last}")]
     NoBroker { brokers: Vec<String>, last: String },
+    /// Refused before anything was sent.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The producer or stream was closed before the operation completed.
+    #[error("closed: {0}")]
+    Closed(String),
 }
 
 /// Codes worth knowing by name on the client side.
 pub mod codes {
+    pub const UNKNOWN_SERVER_ERROR: i32 = -1;
     pub const OFFSET_OUT_OF_RANGE: i32 = 1;
+    pub const CORRUPT_MESSAGE: i32 = 2;
     pub const UNKNOWN_TOPIC_OR_PARTITION: i32 = 3;
     pub const LEADER_NOT_AVAILABLE: i32 = 5;
     pub const NOT_LEADER: i32 = 6;
     pub const REQUEST_TIMED_OUT: i32 = 7;
+    pub const RECORD_TOO_LARGE: i32 = 10;
+    pub const INVALID_TOPIC: i32 = 17;
+    pub const RECORD_LIST_TOO_LARGE: i32 = 18;
+    pub const TOPIC_ALREADY_EXISTS: i32 = 36;
+    pub const INVALID_PARTITIONS: i32 = 37;
+    pub const INVALID_REQUEST: i32 = 42;
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i32 = 45;
+    pub const DUPLICATE_SEQUENCE_NUMBER: i32 = 46;
+    pub const KAFKA_STORAGE_ERROR: i32 = 56;
+    pub const UNKNOWN_PRODUCER_ID: i32 = 59;
     pub const INDETERMINATE: i32 = 1000;
+    pub const MEMBERSHIP_CHANGE_FAILED: i32 = 1001;
     pub const SHUTTING_DOWN: i32 = 1002;
 }
 
 impl ClientError {
+    /// The numbered Busbar error code, for an answer from the cluster.
     pub fn code(&self) -> Option<i32> {
         match self {
             ClientError::Api { code, .. } => Some(*code),
@@ -36,14 +56,61 @@ impl ClientError {
         matches!(self.code(), Some(codes::INDETERMINATE))
     }
 
+    /// The same request may succeed later: the leader moved or is being elected, the node is
+    /// stopping, or no broker could be reached. Not INDETERMINATE: repeating a write that may have
+    /// committed is only safe when the cluster deduplicates it (an idempotent producer).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Api { code, .. } => {
+                matches!(*code, codes::NOT_LEADER | codes::LEADER_NOT_AVAILABLE | codes::SHUTTING_DOWN)
+            }
+            ClientError::NoBroker { .. } => true,
+            ClientError::InvalidArgument(_) | ClientError::Closed(_) => false,
+        }
+    }
+
+    /// The error message the cluster sent, or this error's description.
+    pub fn message(&self) -> String {
+        match self {
+            ClientError::Api { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
     pub(crate) fn from_status(st: &tonic::Status) -> Self {
         let meta = |k: &str| st.metadata().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
         match meta(ERROR_CODE_KEY).and_then(|c| c.parse().ok()) {
             Some(code) => {
                 ClientError::Api { code, message: st.message().to_string(), leader_addr: meta(LEADER_ADDR_KEY) }
             }
-            // No Busbar code: the transport failed (connection refused, reset, deadline).
-            None => ClientError::NoBroker { brokers: vec![], last: format!("{:?}: {}", st.code(), st.message()) },
+            // No Busbar code: the broker did not handle the request itself. Either the transport
+            // failed (refused, reset, deadline: try elsewhere), or gRPC refused the request before our
+            // code saw it (its size above the broker's limit, a malformed message): that is the
+            // request's fault and must not be retried.
+            None => match st.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Aborted => {
+                    ClientError::NoBroker { brokers: vec![], last: format!("{:?}: {}", st.code(), st.message()) }
+                }
+                tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => ClientError::Api {
+                    code: codes::RECORD_LIST_TOO_LARGE,
+                    message: format!("the broker refused the request's size: {}", st.message()),
+                    leader_addr: None,
+                },
+                tonic::Code::InvalidArgument | tonic::Code::Unimplemented => ClientError::Api {
+                    code: codes::INVALID_REQUEST,
+                    message: format!("the broker refused the request: {}", st.message()),
+                    leader_addr: None,
+                },
+                other => ClientError::Api {
+                    code: codes::UNKNOWN_SERVER_ERROR,
+                    message: format!("{other:?}: {}", st.message()),
+                    leader_addr: None,
+                },
+            },
         }
     }
 }
