@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use busbar_server::{Limits, ServerConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::cluster_cmd;
+use crate::{cluster_cmd, consume_cmd, dev_cmd, produce_cmd, topic_cmd};
 
 #[derive(Parser, Debug)]
 #[command(name = "busbar", version, about = "Busbar: a replicated, partitioned message bus")]
@@ -45,6 +45,32 @@ pub enum Command {
     /// Inspect and change the cluster's membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(TopicCmd),
+    /// Write records to a topic: VALUE, or one record per line of standard input.
+    Produce(produce_cmd::ProduceArgs),
+    /// Read records from a topic as JSON lines.
+    Consume(consume_cmd::ConsumeArgs),
+    /// Run a local cluster of server processes in the foreground, for trying Busbar out.
+    Dev(dev_cmd::DevArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicCmd {
+    /// Create a topic.
+    Create {
+        name: String,
+        /// Number of partitions (fixed for the topic's life).
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+    },
+    /// Every topic and its partition count.
+    List,
+    /// Each partition of a topic: its start offset (oldest record kept) and end offset (next to be written).
+    Describe { name: String },
+    /// Delete a topic and its records.
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,11 +207,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster(cmd) => cluster_cmd::run(&cli.brokers, cli.output, cmd).await,
+        Command::Topic(cmd) => topic_cmd::run(&cli.brokers, cli.output, cmd).await,
+        Command::Produce(args) => produce_cmd::run(&cli.brokers, cli.output, args).await,
+        Command::Consume(args) => consume_cmd::run(&cli.brokers, cli.output, args).await,
+        Command::Dev(args) => dev_cmd::run(cli.output, args).await,
     }
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());

@@ -1,23 +1,24 @@
 //! `busbar cluster ...`
 
-use busbar_client::{Client, NodeRole, NodeStatus};
+use busbar_client::{NodeRole, NodeStatus};
 use serde_json::json;
 
 use crate::cli::{ClusterCmd, Output};
+use crate::common::{client_error, connect};
 
 pub async fn run(brokers: &[String], output: Output, cmd: ClusterCmd) -> anyhow::Result<()> {
-    let client = Client::connect(brokers.iter().cloned()).await?;
+    let client = connect(brokers).await?;
     match cmd {
         ClusterCmd::Status => {
-            let st = client.cluster_status().await?;
+            let st = client.cluster_status().await.map_err(client_error)?;
             print_status(&st.nodes, output);
         }
         ClusterCmd::AddNode { id, addr } => {
-            client.add_node(id, &addr).await?;
+            client.add_node(id, &addr).await.map_err(client_error)?;
             done(output, json!({"added": id, "addr": addr}), &format!("node {id} ({addr}) added as voter"));
         }
         ClusterCmd::RemoveNode { id } => {
-            client.remove_node(id).await?;
+            client.remove_node(id).await.map_err(client_error)?;
             done(output, json!({"removed": id}), &format!("node {id} removed"));
         }
     }

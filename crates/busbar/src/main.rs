@@ -2,6 +2,11 @@
 
 mod cli;
 mod cluster_cmd;
+mod common;
+mod consume_cmd;
+mod dev_cmd;
+mod produce_cmd;
+mod topic_cmd;
 
 use clap::Parser;
 
@@ -15,7 +20,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(cli::dispatch(cli)) {
+    let is_server = matches!(cli.command, cli::Command::Server(_));
+    let result = rt.block_on(cli::dispatch(cli));
+    if !is_server {
+        // A client command may leave a task in a blocking read of stdin (produce stopped early):
+        // do not wait for it. A server waits for all of its tasks, as dropping the runtime does.
+        rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
