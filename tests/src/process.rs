@@ -493,13 +493,9 @@ pub fn json_lines(out: &std::process::Output) -> anyhow::Result<Vec<serde_json::
         .collect()
 }
 
-/// A client over `addrs` with short bounds (tests must not hang on a dead node), once one answers.
+/// A client over `addrs` with the default bounds, once one of them answers.
 pub async fn client_for(addrs: Vec<String>) -> anyhow::Result<Client> {
-    let opts = ClientOptions {
-        connect_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(15),
-        ..ClientOptions::default()
-    };
+    let opts = ClientOptions::default();
     let what = format!("a broker among {addrs:?} to accept a connection");
     wait::until(&what, Duration::from_secs(20), || {
         let (addrs, opts) = (addrs.clone(), opts.clone());
@@ -712,15 +708,25 @@ impl Producer {
             (self.acked_count() >= target).then_some(())
         })
         .await
+        .with_context(|| {
+            let r = self.report.lock().unwrap_or_else(|e| e.into_inner());
+            format!(
+                "{} acknowledged, {} indeterminate and {} failed batches; first errors: {:?}",
+                r.acked.len(),
+                r.indeterminate,
+                r.failed,
+                r.errors
+            )
+        })
     }
 
     /// Stops after the batch in flight (bounded) and returns what was seen.
     pub async fn stop(self) -> anyhow::Result<ProducerReport> {
         self.stop.store(true, Ordering::Relaxed);
-        // One produce call is bounded by the client's retries (about 20 s at worst).
-        tokio::time::timeout(Duration::from_secs(60), self.task)
+        // One produce call is bounded by the client's retries and timeouts (well under 2 minutes).
+        tokio::time::timeout(Duration::from_secs(120), self.task)
             .await
-            .context("the producer did not stop within 60 s")?
+            .context("the producer did not stop within 120 s")?
             .context("the producer task failed")?;
         let mut r = self.report.lock().unwrap_or_else(|e| e.into_inner());
         let report = std::mem::take(&mut *r);
