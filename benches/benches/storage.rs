@@ -269,7 +269,7 @@ const PARTITIONS: u32 = 4;
 fn apply_phase(dir: &Path, batches_per_call: usize, run_for: Duration) -> Result<(Outcome, Duration)> {
     let store = TopicStore::open(&dir.join("sled"), &TopicStoreOptions::default())?;
     let topic = TopicName::new("bench")?;
-    let create = Command::CreateTopic { name: topic.clone(), partitions: PARTITIONS };
+    let create = Command::CreateTopic { name: topic.clone(), partitions: PARTITIONS, config: Default::default() };
     let mut applied = 1u64;
     expect_ok(&store.apply(&[Some(&create)], Bytes::copy_from_slice(&applied.to_be_bytes()))?)?;
 

@@ -37,6 +37,8 @@ pub struct InProcessCluster {
     pub partitions: Partitions,
     pub raft: RaftConfig,
     pub limits: Limits,
+    /// How often the leader looks for records past retention (fast in tests).
+    pub retention_check: Duration,
 }
 
 impl InProcessCluster {
@@ -54,6 +56,7 @@ impl InProcessCluster {
             partitions: Partitions::default(),
             raft,
             limits,
+            retention_check: Duration::from_millis(200),
         };
         let mut listeners = BTreeMap::new();
         for id in 1..=n {
@@ -76,6 +79,7 @@ impl InProcessCluster {
         let mut cfg = ServerConfig::single_node(id, addr, self.data_dir(id));
         cfg.raft = RaftConfig { partitions: Some(self.partitions.clone()), ..self.raft.clone() };
         cfg.limits = self.limits.clone();
+        cfg.retention_check = self.retention_check;
         cfg.peers = BTreeMap::new();
         cfg
     }
@@ -186,7 +190,14 @@ impl InProcessCluster {
     pub async fn dump(&self, id: NodeId, topic: &str, partition: u32) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
         let client = self.client_of(id).await?;
         let mut out = Vec::new();
-        let mut offset = 0;
+        // From the partition's start: retention may have dropped what came before.
+        let mut offset = client
+            .list_offsets(topic)
+            .await?
+            .iter()
+            .find(|o| o.partition == partition)
+            .map(|o| o.start_offset)
+            .unwrap_or(0);
         loop {
             let r = client.fetch_from(&self.addr(id), topic, partition, offset, 10_000).await?;
             for rec in r.records {

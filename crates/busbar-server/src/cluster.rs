@@ -26,11 +26,18 @@ pub struct ClusterService {
     node: RaftNode,
     advertise: String,
     limits: Limits,
+    data_dir: std::path::PathBuf,
 }
 
 impl ClusterService {
-    pub fn new(node: RaftNode, advertise: String, limits: Limits) -> Self {
-        Self { node, advertise, limits }
+    pub fn new(node: RaftNode, advertise: String, limits: Limits, data_dir: std::path::PathBuf) -> Self {
+        Self { node, advertise, limits, data_dir }
+    }
+
+    fn local(&self) -> pb::NodeStatus {
+        // Disk use is a report, not a check: a directory that cannot be read counts as 0.
+        let disk_bytes = crate::metrics::dir_bytes(&self.data_dir, 0).unwrap_or(0);
+        pb::NodeStatus { disk_bytes, ..local_status(&self.metrics(), &self.advertise) }
     }
 
     fn metrics(&self) -> RaftMetrics {
@@ -71,6 +78,7 @@ pub fn local_status(m: &RaftMetrics, addr: &str) -> pb::NodeStatus {
         reachable: true,
         initialized: m.last_log_index.is_some() || m.vote.leader_id().term > 0,
         voter: membership.voter_ids().any(|v| v == m.id),
+        disk_bytes: 0,
     }
 }
 
@@ -112,7 +120,7 @@ pub async fn probe(addr: &str, timeout: Duration) -> Result<pb::NodeStatus, Stri
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn local_status(&self, _req: Request<pb::LocalStatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {
-        Ok(Response::new(local_status(&self.metrics(), &self.advertise)))
+        Ok(Response::new(self.local()))
     }
 
     async fn status(
@@ -132,7 +140,7 @@ impl Cluster for ClusterService {
         }
         let mut nodes = BTreeMap::new();
         if membership.get_node(&m.id).is_some() || voters.is_empty() {
-            nodes.insert(m.id, local_status(&m, &self.advertise));
+            nodes.insert(m.id, self.local());
         }
         for p in probes {
             let Ok((id, addr, res)) = p.await else { continue };

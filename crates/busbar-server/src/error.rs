@@ -30,7 +30,9 @@ pub fn status(err: ApiError) -> Status {
         | ErrorCode::IllegalGeneration
         | ErrorCode::UnknownMemberId
         | ErrorCode::NonEmptyGroup => Code::FailedPrecondition,
-        ErrorCode::InvalidGroupId | ErrorCode::InvalidSessionTimeout => Code::InvalidArgument,
+        ErrorCode::InvalidGroupId | ErrorCode::InvalidSessionTimeout | ErrorCode::InvalidConfig => {
+            Code::InvalidArgument
+        }
         ErrorCode::GroupIdNotFound => Code::NotFound,
         ErrorCode::CorruptMessage | ErrorCode::KafkaStorageError | ErrorCode::UnknownServerError => Code::Internal,
     };

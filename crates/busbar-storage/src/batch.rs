@@ -24,6 +24,19 @@ pub fn encode(records: &[Record]) -> Result<Vec<u8>, StoreError> {
     checked::seal_bincode("record batch", &StoredBatchRef { max_timestamp_ms, records })
 }
 
+/// The batch's newest timestamp and record count, checking its crc but without decoding every record.
+pub fn summary(what: &dyn Fn() -> String, value: &[u8]) -> Result<(i64, u32), StoreError> {
+    let payload = checked::open(what, value)?;
+    // bincode lays the struct out in field order: max_timestamp_ms (i64 LE), then the records'
+    // length (u64 LE).
+    let (Some(ts), Some(n)) = (payload.get(..8), payload.get(8..16)) else {
+        return Err(StoreError::corrupt(what(), "batch shorter than its header"));
+    };
+    let ts = i64::from_le_bytes(ts.try_into().unwrap_or_default());
+    let n = u64::from_le_bytes(n.try_into().unwrap_or_default());
+    Ok((ts, u32::try_from(n).map_err(|_| StoreError::corrupt(what(), "record count above u32"))?))
+}
+
 pub fn decode(what: &dyn Fn() -> String, value: &[u8]) -> Result<Vec<Record>, StoreError> {
     let batch: StoredBatch = checked::open_bincode(what, value)?;
     Ok(batch.records)

@@ -61,20 +61,7 @@ impl GroupState {
     /// Brings assignments in line with the members and their subscriptions (phase 1 of a cooperative
     /// rebalance); bumps the generation if anything changed.
     fn rebalance(&mut self, topics: &Topics<'_>) {
-        let loads: BTreeMap<String, MemberLoad> = self
-            .members
-            .iter()
-            .map(|(id, m)| {
-                (
-                    id.clone(),
-                    MemberLoad {
-                        eligible: topics.eligible(&m.topics),
-                        assigned: m.assigned.clone(),
-                        revoking: m.revoking.clone(),
-                    },
-                )
-            })
-            .collect();
+        let loads = self.loads(topics);
         let plan = group_assign::plan(&loads);
         let mut changed = false;
         for (id, (assigned, revoking)) in plan.members {
@@ -93,6 +80,21 @@ impl GroupState {
         if changed {
             self.generation += 1;
         }
+    }
+
+    /// What the assignor needs of each member: the partitions it may take and those it holds.
+    fn loads(&self, topics: &Topics<'_>) -> BTreeMap<String, MemberLoad> {
+        self.members
+            .iter()
+            .map(|(id, m)| {
+                let load = MemberLoad {
+                    eligible: topics.eligible(&m.topics),
+                    assigned: m.assigned.clone(),
+                    revoking: m.revoking.clone(),
+                };
+                (id.clone(), load)
+            })
+            .collect()
     }
 
     pub fn is_rebalancing(&self) -> bool {
@@ -142,20 +144,7 @@ impl GroupState {
         if generation != self.generation || !self.is_rebalancing() {
             return CommandResponse::GroupChanged { generation: self.generation };
         }
-        let loads: BTreeMap<String, MemberLoad> = self
-            .members
-            .iter()
-            .map(|(id, m)| {
-                (
-                    id.clone(),
-                    MemberLoad {
-                        eligible: topics.eligible(&m.topics),
-                        assigned: m.assigned.clone(),
-                        revoking: m.revoking.clone(),
-                    },
-                )
-            })
-            .collect();
+        let loads = self.loads(topics);
         let done = group_assign::complete(&loads, &self.pending);
         for (id, assigned) in done {
             if let Some(m) = self.members.get_mut(&id) {
@@ -242,6 +231,18 @@ impl GroupState {
         CommandResponse::GroupChanged { generation: self.generation }
     }
 
+    /// Retention moved a partition's start: a committed offset below it now points at nothing, so
+    /// the group resumes at the start. Returns whether anything changed.
+    pub fn clamp_committed(&mut self, tp: Tp, start: u64) -> bool {
+        match self.committed.get_mut(&tp) {
+            Some(c) if *c < start => {
+                *c = start;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// A topic was created or deleted: drop what refers to a deleted topic and rebalance.
     pub fn topics_changed(&mut self, topics: &Topics<'_>) {
         let live: BTreeSet<u32> = topics.by_name.values().map(|t| t.id).collect();
@@ -263,8 +264,9 @@ mod tests {
 
     fn topic_map(parts: u32) -> (BTreeMap<TopicName, TopicMeta>, HashMap<(u32, u32), PartitionState>) {
         let name = TopicName::new("t").unwrap();
-        let t = TopicMeta { id: 7, name: name.clone(), partitions: parts };
-        let states = (0..parts).map(|p| ((7, p), PartitionState { start_offset: 0, end_offset: 100 })).collect();
+        let t = TopicMeta { id: 7, name: name.clone(), partitions: parts, config: Default::default() };
+        let states =
+            (0..parts).map(|p| ((7, p), PartitionState { start_offset: 0, end_offset: 100, bytes: 0 })).collect();
         (BTreeMap::from([(name, t)]), states)
     }
 

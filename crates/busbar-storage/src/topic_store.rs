@@ -23,7 +23,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use busbar_types::{Command, CommandResponse, ErrorCode, GroupName, ProducerSeq, Record, TopicName};
+use busbar_types::{Command, CommandResponse, ErrorCode, GroupName, ProducerSeq, Record, TopicConfig, TopicName};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -38,6 +38,8 @@ pub struct TopicMeta {
     pub id: u32,
     pub name: TopicName,
     pub partitions: u32,
+    /// The keys set on this topic; unset keys take the cluster defaults (applied by the caller).
+    pub config: TopicConfig,
 }
 
 /// A partition's offsets: records live at `start_offset..end_offset`; `end_offset` is the high
@@ -46,6 +48,8 @@ pub struct TopicMeta {
 pub struct PartitionState {
     pub start_offset: u64,
     pub end_offset: u64,
+    /// Bytes of the stored batches at `start_offset..end_offset` (what retention.bytes bounds).
+    pub bytes: u64,
 }
 
 /// How many of an idempotent producer's most recent batches per partition are remembered: a retry of
@@ -65,6 +69,8 @@ type ProducerKey = (u64, u32, u32);
 pub struct TopicInfo {
     pub name: TopicName,
     pub partitions: u32,
+    pub id: u32,
+    pub config: TopicConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +78,8 @@ pub struct PartitionOffsets {
     pub partition: u32,
     pub start_offset: u64,
     pub end_offset: u64,
+    /// Bytes the partition's batches take (stored size, before sled's own overhead).
+    pub bytes: u64,
 }
 
 /// A consumer group as the API shows it: topic ids resolved to names.
@@ -210,6 +218,15 @@ fn group_key(name: &str) -> Vec<u8> {
     [b"grp/".as_slice(), name.as_bytes()].concat()
 }
 
+/// Marks a partition whose batches below its start offset are still to be deleted (retention).
+fn trim_key(topic_id: u32, partition: u32) -> Vec<u8> {
+    [b"trim/".as_slice(), &topic_id.to_be_bytes(), &partition.to_be_bytes()].concat()
+}
+
+fn topic_info(t: &TopicMeta) -> TopicInfo {
+    TopicInfo { name: t.name.clone(), partitions: t.partitions, id: t.id, config: t.config }
+}
+
 fn reclaim_key(topic_id: u32) -> Vec<u8> {
     [b"reclaim/".as_slice(), &topic_id.to_be_bytes()].concat()
 }
@@ -303,6 +320,7 @@ impl TopicStore {
             touched: HashMap::new(),
             groups,
             touched_groups: BTreeSet::new(),
+            records_tree: cur.generation.records.clone(),
             meta_batch: sled::Batch::default(),
             records_batch: sled::Batch::default(),
         };
@@ -350,17 +368,12 @@ impl TopicStore {
 
     pub fn list_topics(&self) -> Result<Vec<TopicInfo>, StoreError> {
         let cur = self.current()?;
-        Ok(cur.meta.topics.values().map(|t| TopicInfo { name: t.name.clone(), partitions: t.partitions }).collect())
+        Ok(cur.meta.topics.values().map(topic_info).collect())
     }
 
     pub fn topic(&self, name: &str) -> Result<Option<TopicInfo>, StoreError> {
         let cur = self.current()?;
-        Ok(cur
-            .meta
-            .topics
-            .values()
-            .find(|t| t.name.as_str() == name)
-            .map(|t| TopicInfo { name: t.name.clone(), partitions: t.partitions }))
+        Ok(cur.meta.topics.values().find(|t| t.name.as_str() == name).map(topic_info))
     }
 
     pub fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, StoreError> {
@@ -369,7 +382,12 @@ impl TopicStore {
         Ok((0..t.partitions)
             .map(|p| {
                 let s = cur.meta.partitions.get(&(t.id, p)).copied().unwrap_or_default();
-                PartitionOffsets { partition: p, start_offset: s.start_offset, end_offset: s.end_offset }
+                PartitionOffsets {
+                    partition: p,
+                    start_offset: s.start_offset,
+                    end_offset: s.end_offset,
+                    bytes: s.bytes,
+                }
             })
             .collect())
     }
@@ -491,7 +509,9 @@ impl TopicStore {
         let mut parts: Vec<_> = meta.partitions.iter().collect();
         parts.sort_by_key(|(k, _)| **k);
         for (&(topic_id, partition), state) in parts {
-            let range = batch::key(topic_id, partition, 0)..batch::key(topic_id, partition, state.end_offset);
+            // From the start offset: batches below it (retention) may still be on disk, unreclaimed.
+            let range =
+                batch::key(topic_id, partition, state.start_offset)..batch::key(topic_id, partition, state.end_offset);
             for kv in cur.generation.records.range(range) {
                 let (k, v) = kv?;
                 // Verify before shipping: a corrupt batch must stop the snapshot, not spread.
@@ -554,28 +574,69 @@ impl TopicStore {
         }
         let cur = self.current()?;
         let mut deleted = 0;
+        // Whole deleted topics, then partition prefixes dropped by retention. Each marker is removed
+        // once nothing it covers is left.
         for kv in cur.generation.meta_tree.scan_prefix(b"reclaim/") {
             let (k, _) = kv?;
             let Some(id_bytes) = k.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok()) else { continue };
             let topic_id = u32::from_be_bytes(id_bytes);
-            let mut batch = sled::Batch::default();
-            let mut n = 0;
-            for kv in cur.generation.records.scan_prefix(topic_id.to_be_bytes()) {
-                let (rk, _) = kv?;
-                batch.remove(rk);
-                n += 1;
-                if deleted + n >= max_keys {
-                    break;
-                }
-            }
-            cur.generation.records.apply_batch(batch)?;
-            deleted += n;
-            if deleted >= max_keys {
+            let records = cur.generation.records.scan_prefix(topic_id.to_be_bytes());
+            if !delete_bounded(&cur.generation.records, records, max_keys, &mut deleted)? {
                 return Ok(deleted);
             }
             cur.generation.meta_tree.remove(&k)?;
         }
+        for kv in cur.generation.meta_tree.scan_prefix(b"trim/") {
+            let (k, _) = kv?;
+            let (Some(t), Some(p)) = (k.get(5..9), k.get(9..13)) else { continue };
+            let t = u32::from_be_bytes(t.try_into().unwrap_or_default());
+            let p = u32::from_be_bytes(p.try_into().unwrap_or_default());
+            // A deleted topic's partition is gone from the metadata: the topic's own reclaim covers it.
+            if let Some(start) = cur.meta.partitions.get(&(t, p)).map(|s| s.start_offset) {
+                let records = cur.generation.records.range(batch::key(t, p, 0)..batch::key(t, p, start));
+                if !delete_bounded(&cur.generation.records, records, max_keys, &mut deleted)? {
+                    return Ok(deleted);
+                }
+            }
+            cur.generation.meta_tree.remove(&k)?;
+        }
         Ok(deleted)
+    }
+
+    /// Where retention would move a partition's start offset now: past every whole batch older than
+    /// `retention_ms` (by its newest record's timestamp, against `now_ms`) and past the oldest
+    /// batches while the rest still holds `retention_bytes` or more. `None`: nothing to drop. Runs on
+    /// the leader, whose clock decides; the result goes through the log.
+    pub fn retention_point(
+        &self,
+        topic: &str,
+        partition: u32,
+        now_ms: i64,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+    ) -> Result<Option<u64>, StoreError> {
+        let cur = self.current()?;
+        let t = find_topic(&cur.meta, topic, partition)?;
+        let st = cur.meta.partitions.get(&(t.id, partition)).copied().unwrap_or_default();
+        let cutoff = retention_ms.map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
+        let mut remaining = st.bytes;
+        let mut new_start = st.start_offset;
+        let range = batch::key(t.id, partition, st.start_offset)..batch::key(t.id, partition, st.end_offset);
+        for kv in cur.generation.records.range(range) {
+            let (k, v) = kv?;
+            let Some((_, _, base)) = batch::parse_key(&k) else { break };
+            let (max_ts, count) = batch::summary(&|| format!("batch {topic}/{partition}@{base}"), &v)?;
+            let expired = cutoff.is_some_and(|c| max_ts < c);
+            // Kafka's rule: drop the oldest while what stays is still at least the limit, so a
+            // partition holds at most retention.bytes plus one batch.
+            let oversize = retention_bytes.is_some_and(|limit| remaining.saturating_sub(v.len() as u64) >= limit);
+            if !(expired || oversize) {
+                break;
+            }
+            remaining = remaining.saturating_sub(v.len() as u64);
+            new_start = base + u64::from(count);
+        }
+        Ok((new_start > st.start_offset).then_some(new_start))
     }
 
     /// Number of topics whose data is still waiting for [`TopicStore::reclaim`].
@@ -675,6 +736,29 @@ impl TopicStore {
     }
 }
 
+/// Deletes the keys `records` yields, until `*deleted` reaches `max_keys`. Returns whether it got
+/// through all of them (false: the budget ran out first).
+fn delete_bounded(
+    tree: &sled::Tree,
+    records: sled::Iter,
+    max_keys: usize,
+    deleted: &mut usize,
+) -> Result<bool, StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut exhausted = true;
+    for kv in records {
+        if *deleted >= max_keys {
+            exhausted = false;
+            break;
+        }
+        let (k, _) = kv?;
+        batch.remove(k);
+        *deleted += 1;
+    }
+    tree.apply_batch(batch)?;
+    Ok(exhausted)
+}
+
 fn missing_batch(topic: &str, partition: u32, offset: u64) -> StoreError {
     StoreError::corrupt(
         format!("{topic}/{partition}"),
@@ -770,6 +854,8 @@ struct Work<'a> {
     /// A working copy of the groups, and which ones this apply changed (to write back).
     groups: BTreeMap<String, GroupState>,
     touched_groups: BTreeSet<String>,
+    /// The records tree, read (never written) to size the batches retention drops.
+    records_tree: sled::Tree,
     meta_batch: sled::Batch,
     records_batch: sled::Batch,
 }
@@ -784,7 +870,7 @@ impl Work<'_> {
 
     fn apply_one(&mut self, cmd: &Command) -> Result<CommandResponse, StoreError> {
         Ok(match cmd {
-            Command::CreateTopic { name, partitions } => self.create_topic(name, *partitions)?,
+            Command::CreateTopic { name, partitions, config } => self.create_topic(name, *partitions, *config)?,
             Command::DeleteTopic { name } => self.delete_topic(name)?,
             Command::Produce { topic, partition, records, producer } => {
                 self.produce(topic, *partition, records, *producer)?
@@ -812,6 +898,17 @@ impl Work<'_> {
                     CommandResponse::GroupChanged { generation: 0 }
                 }
             },
+            Command::AlterTopicConfig { name, config } => match self.meta.topics.get_mut(name) {
+                None => rejected(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {name}")),
+                Some(t) => {
+                    t.config = *config;
+                    self.meta_batch.insert(topic_key(name), checked::seal_bincode("topic", &*t)?);
+                    CommandResponse::TopicConfigChanged
+                }
+            },
+            Command::TruncatePrefix { topic, topic_id, partition, new_start } => {
+                self.truncate_prefix(topic, *topic_id, *partition, *new_start)?
+            }
             Command::InitProducerId => {
                 let id = self.meta.next_producer_id;
                 self.meta.next_producer_id = id
@@ -863,7 +960,12 @@ impl Work<'_> {
         }
     }
 
-    fn create_topic(&mut self, name: &TopicName, partitions: u32) -> Result<CommandResponse, StoreError> {
+    fn create_topic(
+        &mut self,
+        name: &TopicName,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<CommandResponse, StoreError> {
         let meta = &mut self.meta;
         if meta.topics.contains_key(name) {
             return Ok(rejected(ErrorCode::TopicAlreadyExists, format!("topic {name} already exists")));
@@ -874,7 +976,7 @@ impl Work<'_> {
         let id = meta.next_topic_id;
         meta.next_topic_id =
             id.checked_add(1).ok_or_else(|| StoreError::corrupt("next topic id", "topic ids exhausted"))?;
-        let t = TopicMeta { id, name: name.clone(), partitions };
+        let t = TopicMeta { id, name: name.clone(), partitions, config };
         self.meta_batch.insert(topic_key(name), checked::seal_bincode("topic", &t)?);
         self.meta_batch.insert(NEXT_TOPIC_ID_KEY, checked::seal_bincode("next topic id", &meta.next_topic_id)?);
         for p in 0..partitions {
@@ -885,6 +987,54 @@ impl Work<'_> {
         meta.topics.insert(name.clone(), t);
         self.topics_changed(name, None);
         Ok(CommandResponse::TopicCreated { topic_id: id })
+    }
+
+    fn truncate_prefix(
+        &mut self,
+        topic: &TopicName,
+        topic_id: u32,
+        partition: u32,
+        new_start: u64,
+    ) -> Result<CommandResponse, StoreError> {
+        match self.meta.topics.get(topic) {
+            Some(t) if t.id == topic_id && partition < t.partitions => {}
+            // Deleted (or deleted and recreated) since the leader decided: nothing to do.
+            _ => {
+                return Ok(rejected(
+                    ErrorCode::UnknownTopicOrPartition,
+                    format!("no {topic}/{partition} (id {topic_id})"),
+                ))
+            }
+        }
+        let st = self.meta.partitions.entry((topic_id, partition)).or_default();
+        if new_start <= st.start_offset {
+            return Ok(CommandResponse::PrefixTruncated { start_offset: st.start_offset });
+        }
+        if new_start > st.end_offset {
+            return Ok(rejected(
+                ErrorCode::OffsetOutOfRange,
+                format!("cannot drop {topic}/{partition} below {new_start}: its end offset is {}", st.end_offset),
+            ));
+        }
+        // The bytes dropped are the batches in [start, new_start): the same batches on every replica.
+        let mut dropped = 0u64;
+        let range = batch::key(topic_id, partition, st.start_offset)..batch::key(topic_id, partition, new_start);
+        for kv in self.records_tree.range(range) {
+            let (_, v) = kv?;
+            dropped += v.len() as u64;
+        }
+        st.start_offset = new_start;
+        st.bytes = st.bytes.saturating_sub(dropped);
+        let st = *st;
+        self.meta_batch.insert(partition_key(topic_id, partition), checked::seal_bincode("partition state", &st)?);
+        self.meta_batch.insert(trim_key(topic_id, partition), checked::seal(&new_start.to_be_bytes()));
+        // Groups whose committed offset fell below the new start resume at the start.
+        for (name, g) in self.groups.iter_mut() {
+            if g.clamp_committed((topic_id, partition), new_start) {
+                self.touched_groups.insert(name.clone());
+            }
+        }
+        Ok(CommandResponse::PrefixTruncated { start_offset: new_start })
     }
 
     fn delete_topic(&mut self, name: &TopicName) -> Result<CommandResponse, StoreError> {
@@ -968,7 +1118,9 @@ impl Work<'_> {
         }
         let state = self.meta.partitions.entry((id, partition)).or_default();
         let base = state.end_offset;
-        self.records_batch.insert(&batch::key(id, partition, base), batch::encode(records)?);
+        let encoded = batch::encode(records)?;
+        state.bytes += encoded.len() as u64;
+        self.records_batch.insert(&batch::key(id, partition, base), encoded);
         state.end_offset = base + u64::from(count);
         self.meta_batch.insert(partition_key(id, partition), checked::seal_bincode("partition state", state)?);
         if let Some(ps) = producer {
@@ -1074,7 +1226,7 @@ mod tests {
     fn apply_assigns_consecutive_offsets_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
-        let create = Command::CreateTopic { name: name("orders"), partitions: 2 };
+        let create = Command::CreateTopic { name: name("orders"), partitions: 2, config: TopicConfig::default() };
         assert_eq!(
             store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap(),
             vec![CommandResponse::TopicCreated { topic_id: 0 }]
@@ -1115,7 +1267,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
-            let create = Command::CreateTopic { name: name("t"), partitions: 1 };
+            let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
             store.apply(&[Some(&create), None], Bytes::from_static(b"x")).unwrap();
             produce(&store, "t", 0, &["a", "b", "c"], 9);
             store.flush_durable().unwrap();
@@ -1135,13 +1287,13 @@ mod tests {
         let b_dir = tempfile::tempdir().unwrap();
         let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
         let b = TopicStore::open(b_dir.path(), &TopicStoreOptions::default()).unwrap();
-        let create = Command::CreateTopic { name: name("t"), partitions: 3 };
+        let create = Command::CreateTopic { name: name("t"), partitions: 3, config: TopicConfig::default() };
         a.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         for i in 0..50u8 {
             produce(&a, "t", u32::from(i % 3), &["r1", "r2"], i);
         }
         // b has unrelated state that the install must replace entirely.
-        let other = Command::CreateTopic { name: name("other"), partitions: 1 };
+        let other = Command::CreateTopic { name: name("other"), partitions: 1, config: TopicConfig::default() };
         b.apply(&[Some(&other)], Bytes::from_static(b"z")).unwrap();
 
         let (summary, buf) = a.export_snapshot(Vec::new()).unwrap();
@@ -1164,7 +1316,7 @@ mod tests {
     fn corrupt_snapshot_is_rejected_and_leaves_state() {
         let a_dir = tempfile::tempdir().unwrap();
         let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
-        let create = Command::CreateTopic { name: name("t"), partitions: 1 };
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         a.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         produce(&a, "t", 0, &["hello"], 2);
         let (_, mut buf) = a.export_snapshot(Vec::new()).unwrap();
@@ -1183,7 +1335,7 @@ mod tests {
     fn delete_hides_at_once_and_reclaim_frees_in_bounded_steps() {
         let dir = tempfile::tempdir().unwrap();
         let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
-        let create = Command::CreateTopic { name: name("t"), partitions: 1 };
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         for i in 0..10 {
             produce(&store, "t", 0, &["v"], i);
@@ -1210,7 +1362,7 @@ mod tests {
     fn a_corrupted_batch_is_reported_not_served() {
         let dir = tempfile::tempdir().unwrap();
         let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
-        let create = Command::CreateTopic { name: name("t"), partitions: 1 };
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         produce(&store, "t", 0, &["hello"], 2);
         let records = store.current().unwrap().generation.records;
@@ -1250,7 +1402,7 @@ mod tests {
     fn idempotent_producer_retries_get_original_offsets_and_gaps_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
-        let create = Command::CreateTopic { name: name("t"), partitions: 2 };
+        let create = Command::CreateTopic { name: name("t"), partitions: 2, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         let a = new_producer(&store);
         let b = new_producer(&store);
@@ -1304,7 +1456,7 @@ mod tests {
         let pid;
         {
             let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
-            let create = Command::CreateTopic { name: name("t"), partitions: 1 };
+            let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
             a.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
             pid = new_producer(&a);
             idem(&a, "t", 0, pid, 0, "v0");
@@ -1329,5 +1481,78 @@ mod tests {
         );
         // The id counter came along too: a new producer gets a fresh id.
         assert!(new_producer(&b) > pid);
+    }
+
+    fn produce_at(store: &TopicStore, ts: i64, n: usize) -> u64 {
+        let records = (0..n).map(|i| Record { timestamp_ms: ts, ..rec(&format!("v{i}")) }).collect();
+        let cmd = Command::Produce { topic: name("r"), partition: 0, records, producer: None };
+        match store.apply(&[Some(&cmd)], Bytes::from_static(b"x")).unwrap().remove(0) {
+            CommandResponse::Produced { base_offset, .. } => base_offset,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn truncate(store: &TopicStore, new_start: u64) -> CommandResponse {
+        let id = store.topic("r").unwrap().unwrap().id;
+        let cmd = Command::TruncatePrefix { topic: name("r"), topic_id: id, partition: 0, new_start };
+        store.apply(&[Some(&cmd)], Bytes::from_static(b"t")).unwrap().remove(0)
+    }
+
+    #[test]
+    fn retention_drops_whole_old_batches_and_keeps_the_rest_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let create = Command::CreateTopic { name: name("r"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        produce_at(&store, 1_000, 3); // offsets 0..3, old
+        produce_at(&store, 2_000, 2); // 3..5, old
+        produce_at(&store, 9_000, 4); // 5..9, recent
+                                      // By time: at now=10_000 with retention 5_000 ms, the first two batches (max ts 1000, 2000) go.
+        assert_eq!(store.retention_point("r", 0, 10_000, Some(5_000), None).unwrap(), Some(5));
+        assert_eq!(store.retention_point("r", 0, 10_000, Some(60_000), None).unwrap(), None);
+        // By bytes: keep at least the limit; with a limit of one batch's size, only the last stays
+        // (plus at most one more batch).
+        let total = store.partition_offsets("r").unwrap()[0].bytes;
+        assert!(total > 0);
+        let point = store.retention_point("r", 0, 0, None, Some(1)).unwrap();
+        assert_eq!(point, Some(5), "a limit below one batch keeps exactly the newest batch");
+        assert_eq!(store.retention_point("r", 0, 0, None, Some(total)).unwrap(), None);
+
+        // A group committed inside the dropped range resumes at the new start.
+        let join = Command::JoinGroup {
+            group: name("g"),
+            member_id: "m".into(),
+            topics: vec![name("r")],
+            session_timeout_ms: 10_000,
+        };
+        store.apply(&[Some(&join)], Bytes::from_static(b"j")).unwrap();
+        let gen = store.group("g").unwrap().unwrap().generation;
+        let commit = Command::CommitOffsets {
+            group: name("g"),
+            member_id: "m".into(),
+            generation: gen,
+            offsets: vec![(name("r"), 0, 2)],
+        };
+        store.apply(&[Some(&commit)], Bytes::from_static(b"c")).unwrap();
+
+        assert_eq!(truncate(&store, 5), CommandResponse::PrefixTruncated { start_offset: 5 });
+        let offs = &store.partition_offsets("r").unwrap()[0];
+        assert_eq!((offs.start_offset, offs.end_offset), (5, 9));
+        assert!(offs.bytes < total);
+        assert!(matches!(
+            store.read("r", 0, 4, 10, 1 << 20),
+            Err(StoreError::OffsetOutOfRange { start: 5, end: 9, .. })
+        ));
+        let r = store.read("r", 0, 5, 10, 1 << 20).unwrap();
+        assert_eq!(r.records.first().map(|(o, _)| *o), Some(5));
+        assert_eq!(r.records.len(), 4);
+        assert_eq!(store.group("g").unwrap().unwrap().partitions[0].committed, Some(5));
+        // Idempotent, and never backwards.
+        assert_eq!(truncate(&store, 3), CommandResponse::PrefixTruncated { start_offset: 5 });
+        assert!(matches!(truncate(&store, 100), CommandResponse::Rejected { code: ErrorCode::OffsetOutOfRange, .. }));
+        // The dropped batches are deleted from sled by reclaim, and a snapshot starts at the start.
+        assert_eq!(store.reclaim(100).unwrap(), 2);
+        let (summary, _) = store.export_snapshot(Vec::new()).unwrap();
+        assert_eq!(summary.batches, 1);
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ErrorCode;
 use crate::record::Record;
 use crate::topic::TopicName;
+use crate::topic_config::TopicConfig;
 
 /// A consumer group's name. Same rule as topic names (1 to 249 of `[a-zA-Z0-9._-]`): group names
 /// show up in paths, metrics labels and CLI arguments, where the same safety helps.
@@ -28,6 +29,7 @@ pub enum Command {
     CreateTopic {
         name: TopicName,
         partitions: u32,
+        config: TopicConfig,
     },
     DeleteTopic {
         name: TopicName,
@@ -43,6 +45,19 @@ pub enum Command {
     },
     /// Hand out a new producer id (unique in the cluster, never reused).
     InitProducerId,
+    /// Replace a topic's configuration (keys not set take the cluster defaults).
+    AlterTopicConfig {
+        name: TopicName,
+        config: TopicConfig,
+    },
+    /// Retention, decided by the leader: the partition's records below `new_start` (a batch
+    /// boundary) are dropped. `topic_id` guards against a topic deleted and recreated meanwhile.
+    TruncatePrefix {
+        topic: TopicName,
+        topic_id: u32,
+        partition: u32,
+        new_start: u64,
+    },
     /// A member joins (or rejoins, with new subscriptions) a consumer group; the group rebalances.
     /// `member_id` is chosen by the coordinator before proposing, so every replica agrees on it.
     JoinGroup {
@@ -97,6 +112,11 @@ pub enum CommandResponse {
         topic_id: u32,
     },
     TopicDeleted,
+    TopicConfigChanged,
+    /// Retention moved the partition's start offset (or it was already past `new_start`).
+    PrefixTruncated {
+        start_offset: u64,
+    },
     /// `duplicate`: the batch had been written before; these are its original offsets.
     Produced {
         base_offset: u64,

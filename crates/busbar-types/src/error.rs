@@ -28,6 +28,8 @@ pub enum ErrorCode {
     UnknownMemberId = 25,
     InvalidSessionTimeout = 26,
     TopicAlreadyExists = 36,
+    /// A topic configuration key is unknown or its value invalid.
+    InvalidConfig = 40,
     InvalidPartitions = 37,
     InvalidRequest = 42,
     /// An idempotent producer's batch skipped a sequence number (a batch before it was lost).
@@ -67,6 +69,7 @@ impl ErrorCode {
         ErrorCode::UnknownMemberId,
         ErrorCode::InvalidSessionTimeout,
         ErrorCode::TopicAlreadyExists,
+        ErrorCode::InvalidConfig,
         ErrorCode::InvalidPartitions,
         ErrorCode::InvalidRequest,
         ErrorCode::OutOfOrderSequenceNumber,

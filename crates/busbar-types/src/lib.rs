@@ -7,11 +7,13 @@ pub mod command;
 pub mod error;
 pub mod record;
 pub mod topic;
+pub mod topic_config;
 
 pub use command::{Command, CommandResponse, GroupName, OffsetReset, ProducerSeq};
 pub use error::{ApiError, ErrorCode};
 pub use record::{Header, Record};
 pub use topic::{TopicName, TopicNameError};
+pub use topic_config::{ConfigError, TopicConfig};
 
 /// A cluster node's identity: unique in a cluster, never reused for a different node.
 pub type NodeId = u64;

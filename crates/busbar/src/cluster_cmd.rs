@@ -63,25 +63,27 @@ fn print_status(nodes: &[NodeStatus], output: Output) {
                     "last_log_index": opt(n.has_last_log_index, n.last_log_index),
                     "applied_index": opt(n.has_applied_index, n.applied_index),
                     "reachable": n.reachable,
+                    "disk_bytes": n.reachable.then_some(n.disk_bytes),
                 });
                 println!("{j}");
             }
         }
         Output::Text => {
             println!(
-                "{:<6} {:<24} {:<10} {:>6} {:>10} {:>10}  REACHABLE",
-                "ID", "ADDRESS", "ROLE", "TERM", "LAST_LOG", "APPLIED"
+                "{:<6} {:<24} {:<10} {:>6} {:>10} {:>10} {:>14}  REACHABLE",
+                "ID", "ADDRESS", "ROLE", "TERM", "LAST_LOG", "APPLIED", "DISK_BYTES"
             );
             let show = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
             for n in nodes {
                 println!(
-                    "{:<6} {:<24} {:<10} {:>6} {:>10} {:>10}  {}",
+                    "{:<6} {:<24} {:<10} {:>6} {:>10} {:>10} {:>14}  {}",
                     n.id,
                     n.addr,
                     role_name(n),
                     if n.reachable { n.term.to_string() } else { "-".into() },
                     show(opt(n.has_last_log_index, n.last_log_index)),
                     show(opt(n.has_applied_index, n.applied_index)),
+                    show(n.reachable.then_some(n.disk_bytes)),
                     if n.reachable { "yes" } else { "no" }
                 );
             }
