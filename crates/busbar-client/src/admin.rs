@@ -4,8 +4,9 @@ use busbar_proto::v1 as pb;
 
 use crate::client::Client;
 use crate::error::ClientError;
+use crate::group::ResetTo;
 
-/// Topics, offsets and cluster membership. Every call finds the leader itself where it must.
+/// Topics, offsets, consumer groups and cluster membership. Every call finds the leader itself where it must.
 ///
 /// ```no_run
 /// use busbar_client::{Admin, Client};
@@ -65,6 +66,27 @@ impl Admin {
     /// Each partition's first retained offset and end offset (the next offset to be assigned).
     pub async fn list_offsets(&self, topic: &str) -> Result<Vec<pb::PartitionOffsets>, ClientError> {
         self.client.list_offsets(topic).await
+    }
+
+    /// Every consumer group's name.
+    pub async fn list_groups(&self) -> Result<Vec<String>, ClientError> {
+        self.client.list_groups().await
+    }
+
+    /// A group's members, and per partition its committed offset, end offset and lag; see
+    /// [`Client::describe_group`].
+    pub async fn describe_group(&self, group: &str) -> Result<pb::DescribeGroupResponse, ClientError> {
+        self.client.describe_group(group).await
+    }
+
+    /// Moves an inactive group's offsets of a topic; see [`Client::reset_group_offsets`].
+    pub async fn reset_group_offsets(&self, group: &str, topic: &str, to: ResetTo) -> Result<(), ClientError> {
+        self.client.reset_group_offsets(group, topic, to).await
+    }
+
+    /// Deletes an inactive group and its offsets.
+    pub async fn delete_group(&self, group: &str) -> Result<(), ClientError> {
+        self.client.delete_group(group).await
     }
 
     /// The nodes and the leader.

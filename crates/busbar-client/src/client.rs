@@ -240,11 +240,42 @@ impl Client {
 
     /// Creates a topic with `partitions` partitions.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
-        let req = pb::CreateTopicRequest { name: name.into(), partitions };
+        self.create_topic_with_config(name, partitions, &[]).await
+    }
+
+    /// Creates a topic with configuration keys (`retention.ms`, `retention.bytes`,
+    /// `max.message.bytes`); keys left out take the cluster defaults.
+    pub async fn create_topic_with_config(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: &[(String, String)],
+    ) -> Result<(), ClientError> {
+        let req = pb::CreateTopicRequest { name: name.into(), partitions, config: config.iter().cloned().collect() };
         self.with_retry(|ch| {
             let req = req.clone();
             let mut c = self.api(ch);
             async move { c.create_topic(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// Sets and clears topic configuration keys; returns the effective configuration.
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: &[(String, String)],
+        unset: &[String],
+    ) -> Result<std::collections::HashMap<String, String>, ClientError> {
+        let req = pb::AlterTopicConfigRequest {
+            name: name.into(),
+            set: set.iter().cloned().collect(),
+            unset: unset.to_vec(),
+        };
+        self.with_retry(|ch| {
+            let req = req.clone();
+            let mut c = self.api(ch);
+            async move { c.alter_topic_config(req).await.map(|r| r.into_inner().config) }
         })
         .await
     }

@@ -31,7 +31,7 @@ pub struct ConsumerRecord {
 }
 
 impl ConsumerRecord {
-    fn from_wire(topic: &str, partition: u32, r: pb::ConsumedRecord) -> Self {
+    pub(crate) fn from_wire(topic: &str, partition: u32, r: pb::ConsumedRecord) -> Self {
         let rec = r.record.unwrap_or_default();
         Self {
             topic: topic.to_string(),

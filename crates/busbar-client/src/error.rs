@@ -30,6 +30,10 @@ pub mod codes {
     pub const RECORD_TOO_LARGE: i32 = 10;
     pub const INVALID_TOPIC: i32 = 17;
     pub const RECORD_LIST_TOO_LARGE: i32 = 18;
+    pub const ILLEGAL_GENERATION: i32 = 22;
+    pub const INVALID_GROUP_ID: i32 = 24;
+    pub const UNKNOWN_MEMBER_ID: i32 = 25;
+    pub const INVALID_SESSION_TIMEOUT: i32 = 26;
     pub const TOPIC_ALREADY_EXISTS: i32 = 36;
     pub const INVALID_PARTITIONS: i32 = 37;
     pub const INVALID_REQUEST: i32 = 42;
@@ -37,6 +41,8 @@ pub mod codes {
     pub const DUPLICATE_SEQUENCE_NUMBER: i32 = 46;
     pub const KAFKA_STORAGE_ERROR: i32 = 56;
     pub const UNKNOWN_PRODUCER_ID: i32 = 59;
+    pub const NON_EMPTY_GROUP: i32 = 68;
+    pub const GROUP_ID_NOT_FOUND: i32 = 69;
     pub const INDETERMINATE: i32 = 1000;
     pub const MEMBERSHIP_CHANGE_FAILED: i32 = 1001;
     pub const SHUTTING_DOWN: i32 = 1002;

@@ -7,7 +7,10 @@
 //!   of batches in flight and a bounded buffer, retries with backoff, and finds the leader itself.
 //! - [`PartitionConsumer`]: assign a partition, seek, then [`poll`](PartitionConsumer::poll) (long
 //!   poll) or [`stream`](PartitionConsumer::stream) (pushed as records commit).
-//! - [`Admin`]: topics, offsets and cluster membership.
+//! - [`GroupConsumer`]: a member of a consumer group: the group shares the partitions of its topics
+//!   among its members and keeps its committed offsets; delivery is at least once (see its docs for
+//!   exactly when a record is seen twice).
+//! - [`Admin`]: topics, offsets, consumer groups and cluster membership.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -56,15 +59,20 @@ mod admin;
 mod client;
 mod consumer;
 mod error;
+mod group;
 mod leader;
 mod producer;
 
 pub use admin::Admin;
 pub use busbar_proto::v1::{
-    ClusterStatusResponse, ConsumedRecord, DescribeTopicResponse, FetchResponse, MetadataResponse, NodeRole,
-    NodeStatus, PartitionOffsets, ProduceRequest, ProduceResponse, TopicInfo,
+    ClusterStatusResponse, ConsumedRecord, DescribeGroupResponse, DescribeTopicResponse, FetchResponse, GroupMember,
+    GroupPartition, MetadataResponse, NodeRole, NodeStatus, PartitionOffsets, ProduceRequest, ProduceResponse,
+    TopicInfo,
 };
 pub use client::{Client, ClientOptions, Record};
 pub use consumer::{ConsumerConfig, ConsumerRecord, PartitionConsumer, RecordStream};
 pub use error::{codes, ClientError};
+pub use group::{
+    GroupConsumer, GroupConsumerConfig, GroupEvent, RebalanceCallback, ResetTo, StartFrom, TopicPartition,
+};
 pub use producer::{DeliveryFuture, Producer, ProducerConfig, RecordMetadata};

@@ -34,8 +34,9 @@ type MemberKey = (String, String);
 
 #[derive(Default)]
 struct Liveness {
-    /// Whether this node led at the last look; a change of leader resets the tables.
-    leading: bool,
+    /// The term in which this node led at the last look (`None`: not leading). Any change — losing
+    /// leadership, or winning it again in a later term, even between two ticks — resets the tables.
+    leading_term: Option<u64>,
     last_seen: HashMap<MemberKey, Instant>,
     acked: HashMap<MemberKey, u64>,
     /// Completions and expiries proposed and not yet seen applied, so each is proposed once.
@@ -172,15 +173,16 @@ impl Coordinator {
 
     /// Expires members whose session ran out and completes rebalances; only while this node leads.
     async fn tick(&self) {
-        let leading = self.metrics().state == ServerState::Leader;
+        let m = self.metrics();
+        let leading_term = (m.state == ServerState::Leader).then_some(m.current_term);
         {
             let mut live = self.lock();
-            if leading != live.leading {
+            if leading_term != live.leading_term {
                 // A new term of leadership (or none): nobody's liveness is known; start afresh.
-                *live = Liveness { leading, ..Liveness::default() };
+                *live = Liveness { leading_term, ..Liveness::default() };
             }
         }
-        if !leading {
+        if leading_term.is_none() {
             return;
         }
         let Ok(members) = self.node.store.group_members() else { return };

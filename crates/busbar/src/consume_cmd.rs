@@ -4,12 +4,16 @@
 //! nothing, every partition is long-polled at once and the first one with records wins, so a
 //! record in any partition is printed as soon as it commits. Nothing is committed on the server:
 //! a consume is a plain read.
+//!
+//! With `--group G` the command is instead a member of consumer group G: the group assigns it
+//! partitions (all of them, when it is the only member), it resumes each at the group's committed
+//! offset, and it commits what it has printed (every second, and when it stops).
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine;
-use busbar_client::{Client, FetchResponse};
+use busbar_client::{Client, ConsumerRecord, FetchResponse, GroupConsumer, GroupConsumerConfig, StartFrom};
 use clap::Args;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
@@ -27,13 +31,26 @@ const MAX_POLL: Duration = Duration::from_secs(5);
     {\"topic\",\"partition\",\"offset\",\"key\",\"value\",\"headers\":[{\"name\",\"value\"}],\"timestamp\"} \
     (timestamp in ms since the Unix epoch; key null when the record has none). A key, value or header \
     value that is not UTF-8 is base64, marked by \"key_encoding\", \"value_encoding\" or the header's \
-    \"value_encoding\" set to \"base64\". Records of one partition come in offset order.")]
+    \"value_encoding\" set to \"base64\". Records of one partition come in offset order.\n\n\
+    With --group G: consume as a member of consumer group G. Each partition resumes at the group's \
+    committed offset (--from beginning|end says where a partition without one starts), and what is \
+    printed is committed (every second, and on exit: idle timeout, --max, Ctrl-C). Members of one \
+    group share the partitions; see `busbar group --help`.")]
 pub struct ConsumeArgs {
     pub topic: String,
     /// Read only this partition (default: all of them).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub partition: Option<u32>,
-    /// Where to start in each partition read: beginning, end, or an offset.
+    /// Consume as a member of this consumer group, resuming at its committed offsets and
+    /// committing what is printed.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// With --group: the group gives this member's partitions to the others when it has not heard
+    /// from it for this long (a crashed consumer).
+    #[arg(long, default_value_t = 10_000, requires = "group")]
+    pub session_timeout_ms: u64,
+    /// Where to start in each partition read: beginning, end, or an offset. With --group: where a
+    /// partition the group has no committed offset for starts (beginning or end).
     #[arg(long, default_value = "beginning", value_parser = parse_from)]
     pub from: StartAt,
     /// Stop after this many records.
@@ -93,6 +110,149 @@ fn text_or_base64(bytes: &[u8]) -> (String, Option<&'static str>) {
     }
 }
 
+/// One record as the JSON line both kinds of consume print.
+struct RecordLine<'a> {
+    topic: &'a str,
+    partition: u32,
+    offset: u64,
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    timestamp: i64,
+}
+
+impl RecordLine<'_> {
+    fn push_to<'h>(&self, text: &mut String, headers: impl Iterator<Item = (&'h str, &'h [u8])>) -> anyhow::Result<()> {
+        let (key, key_encoding) = match self.key.map(text_or_base64) {
+            Some((k, enc)) => (Some(k), enc),
+            None => (None, None),
+        };
+        let (value, value_encoding) = text_or_base64(self.value);
+        let headers = headers
+            .map(|(name, v)| {
+                let (value, value_encoding) = text_or_base64(v);
+                JsonHeader { name, value, value_encoding }
+            })
+            .collect();
+        let j = JsonRecord {
+            topic: self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            key,
+            key_encoding,
+            value,
+            value_encoding,
+            headers,
+            timestamp: self.timestamp,
+        };
+        text.push_str(&serde_json::to_string(&j).context("encoding a record as JSON")?);
+        text.push('\n');
+        Ok(())
+    }
+}
+
+fn group_record_line(r: &ConsumerRecord, text: &mut String) -> anyhow::Result<()> {
+    let line = RecordLine {
+        topic: &r.topic,
+        partition: r.partition,
+        offset: r.offset,
+        key: r.key.as_deref(),
+        value: &r.value,
+        timestamp: r.timestamp_ms,
+    };
+    line.push_to(text, r.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+}
+
+/// How a group consume ended.
+enum GroupStop {
+    /// Idle timeout, --max reached, or Ctrl-C: commit what was printed and leave.
+    Done,
+    /// The reader went away mid-batch: leave without committing that batch.
+    ReaderGone,
+    Failed(anyhow::Error),
+}
+
+/// How often a group consume commits what it has printed while it runs.
+const GROUP_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn run_group(brokers: &[String], group: String, args: ConsumeArgs) -> anyhow::Result<()> {
+    let start = match args.from {
+        StartAt::Beginning => StartFrom::Earliest,
+        StartAt::End => StartFrom::Latest,
+        StartAt::Offset(_) => anyhow::bail!(
+            "with --group, --from is beginning or end (where a partition without a committed offset starts); \
+             to move a group's offsets use `busbar group reset-offsets`"
+        ),
+    };
+    let client = connect(brokers).await?;
+    // An unknown topic is an error with its code, not a member waiting for partitions forever.
+    client.describe_topic(&args.topic).await.map_err(client_error)?;
+    let mut cfg = GroupConsumerConfig::new(group, [args.topic.clone()]);
+    cfg.start = start;
+    cfg.session_timeout = Duration::from_millis(args.session_timeout_ms);
+    // Records count as consumed once printed (the next poll), so auto-commit commits only those.
+    cfg.auto_commit_interval = Some(GROUP_COMMIT_INTERVAL);
+    cfg.max_poll_records = MAX_FETCH_RECORDS as usize;
+    let mut consumer = GroupConsumer::subscribe(client, cfg).await.map_err(client_error)?;
+
+    let idle = (!args.follow).then(|| Duration::from_millis(args.idle_timeout_ms));
+    let mut left = args.max;
+    let mut last_record = Instant::now();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let stop = loop {
+        if left == Some(0) {
+            break GroupStop::Done;
+        }
+        let wait = match idle {
+            None => MAX_POLL,
+            Some(limit) => match limit.checked_sub(last_record.elapsed()) {
+                Some(l) if !l.is_zero() => l.min(MAX_POLL),
+                _ => break GroupStop::Done,
+            },
+        };
+        let n = left.map_or(MAX_FETCH_RECORDS as usize, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX).min(MAX_FETCH_RECORDS as usize)
+        });
+        let polled = tokio::select! {
+            r = consumer.poll_up_to(n, wait) => r,
+            // Ctrl-C is how --follow ends: a normal stop.
+            _ = &mut ctrl_c => break GroupStop::Done,
+        };
+        let records = match polled {
+            Ok(r) => r,
+            Err(e) => break GroupStop::Failed(client_error(e)),
+        };
+        if records.is_empty() {
+            continue;
+        }
+        last_record = Instant::now();
+        let mut text = String::new();
+        if let Err(e) = records.iter().try_for_each(|r| group_record_line(r, &mut text)) {
+            break GroupStop::Failed(e);
+        }
+        if let Some(n) = left.as_mut() {
+            *n = n.saturating_sub(records.len() as u64);
+        }
+        match write_stdout(&text) {
+            Ok(Written::Ok) => {}
+            Ok(Written::ReaderGone) => break GroupStop::ReaderGone,
+            Err(e) => break GroupStop::Failed(e),
+        }
+    };
+    match stop {
+        GroupStop::Done => consumer.close().await.map_err(client_error),
+        GroupStop::ReaderGone => {
+            let _ = consumer.leave().await;
+            Ok(())
+        }
+        GroupStop::Failed(e) => {
+            // Leave, so the group need not wait a session timeout for this member's partitions.
+            let _ = consumer.leave().await;
+            Err(e)
+        }
+    }
+}
+
 struct Cursor {
     partition: u32,
     offset: u64,
@@ -112,6 +272,9 @@ enum Step {
 }
 
 pub async fn run(brokers: &[String], _output: Output, args: ConsumeArgs) -> anyhow::Result<()> {
+    if let Some(group) = args.group.clone() {
+        return run_group(brokers, group, args).await;
+    }
     let client = connect(brokers).await?;
     let described = client.describe_topic(&args.topic).await.map_err(client_error)?;
     let mut offsets = described.partitions;
@@ -233,32 +396,16 @@ impl Consumer {
             }
             self.cursors[i].offset = c.offset + 1;
             let rec = c.record.unwrap_or_default();
-            let (key, key_encoding) = match rec.key.as_deref().map(text_or_base64) {
-                Some((k, enc)) => (Some(k), enc),
-                None => (None, None),
-            };
-            let (value, value_encoding) = text_or_base64(&rec.value);
-            let headers = rec
-                .headers
-                .iter()
-                .map(|h| {
-                    let (value, value_encoding) = text_or_base64(&h.value);
-                    JsonHeader { name: &h.name, value, value_encoding }
-                })
-                .collect();
-            let j = JsonRecord {
+            let headers = rec.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()));
+            let line = RecordLine {
                 topic: &self.topic,
                 partition,
                 offset: c.offset,
-                key,
-                key_encoding,
-                value,
-                value_encoding,
-                headers,
+                key: rec.key.as_deref(),
+                value: &rec.value,
                 timestamp: rec.timestamp_ms,
             };
-            text.push_str(&serde_json::to_string(&j).context("encoding a record as JSON")?);
-            text.push('\n');
+            line.push_to(&mut text, headers)?;
             if let Some(n) = self.left.as_mut() {
                 *n -= 1;
             }
