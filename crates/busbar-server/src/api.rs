@@ -13,7 +13,7 @@ use busbar_proto::v1 as pb;
 use busbar_proto::v1::busbar_server::Busbar;
 use busbar_raft::RaftNode;
 use busbar_storage::FetchResult;
-use busbar_types::{Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, TopicName};
+use busbar_types::{Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, TopicConfig, TopicName};
 use bytes::Bytes;
 use futures::Stream;
 use openraft::ServerState;
@@ -43,6 +43,7 @@ struct Inner {
     limits: Limits,
     /// Spreads keyless batches that name no partition over the partitions.
     next_keyless: AtomicU32,
+    topic_defaults: TopicConfig,
     /// Turns true when the node stops: long polls answer and subscriptions end, so a graceful stop
     /// (which waits for open requests) is not held up by a reader waiting for data.
     stop: tokio::sync::watch::Receiver<bool>,
@@ -51,9 +52,16 @@ struct Inner {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 impl BusbarService {
-    pub fn new(node: RaftNode, limits: Limits, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn new(
+        node: RaftNode,
+        limits: Limits,
+        topic_defaults: TopicConfig,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         let proposer = Proposer { node: node.clone(), timeout: limits.write_timeout };
-        Self { inner: Arc::new(Inner { node, proposer, limits, next_keyless: AtomicU32::new(0), stop }) }
+        Self {
+            inner: Arc::new(Inner { node, proposer, limits, next_keyless: AtomicU32::new(0), topic_defaults, stop }),
+        }
     }
 }
 
@@ -65,7 +73,7 @@ impl Inner {
     /// Checks a produce request and turns it into a command.
     fn produce_command(&self, req: pb::ProduceRequest) -> Result<(u32, Command), Status> {
         let topic = topic_name(&req.topic)?;
-        let records = records_from_wire(req.records, &self.limits)?;
+        let records = records_from_wire(req.records, &self.limits, self.record_limit(&topic))?;
         let partition = match req.partition {
             Some(p) => p,
             None => self.choose_partition(&topic, &records)?,
@@ -73,6 +81,20 @@ impl Inner {
         let producer =
             (req.producer_id != 0).then_some(ProducerSeq { producer_id: req.producer_id, sequence: req.sequence });
         Ok((partition, Command::Produce { topic, partition, records, producer }))
+    }
+
+    /// The largest record a topic takes: the server's limit, or the topic's `max.message.bytes`
+    /// (its own, else the cluster default) when that is smaller.
+    fn record_limit(&self, topic: &TopicName) -> usize {
+        let topic_max = self
+            .node
+            .store
+            .topic(topic.as_str())
+            .ok()
+            .flatten()
+            .and_then(|t| t.config.or(&self.topic_defaults).max_message_bytes)
+            .map(|m| m as usize);
+        topic_max.map_or(self.limits.max_record_bytes, |m| m.min(self.limits.max_record_bytes))
     }
 
     /// The partition of a batch that names none: its keys' partition (murmur2, as Kafka), which all
@@ -140,7 +162,11 @@ fn now_ms() -> i64 {
 
 /// Checks a produce batch against the limits and turns it into domain records. Timestamps the
 /// producer left at 0 are set here, on the proposing node, so every replica stores the same value.
-fn records_from_wire(records: Vec<pb::Record>, limits: &Limits) -> Result<Vec<Record>, Status> {
+fn records_from_wire(
+    records: Vec<pb::Record>,
+    limits: &Limits,
+    max_record_bytes: usize,
+) -> Result<Vec<Record>, Status> {
     if records.is_empty() {
         return Err(api(ErrorCode::InvalidRequest, "a produce request needs at least one record"));
     }
@@ -171,13 +197,10 @@ fn records_from_wire(records: Vec<pb::Record>, limits: &Limits) -> Result<Vec<Re
             timestamp_ms: if r.timestamp_ms == 0 { now } else { r.timestamp_ms },
         };
         let size = rec.encoded_len_hint();
-        if size > limits.max_record_bytes {
+        if size > max_record_bytes {
             return Err(api(
                 ErrorCode::RecordTooLarge,
-                format!(
-                    "record {i} is {size} bytes; the limit is {} bytes (max_record_bytes)",
-                    limits.max_record_bytes
-                ),
+                format!("record {i} is {size} bytes; the limit is {max_record_bytes} bytes (max.message.bytes / max_record_bytes)"),
             ));
         }
         total += size;
@@ -209,6 +232,15 @@ fn fetch_to_wire(r: FetchResult) -> pb::FetchResponse {
         records: r.records.into_iter().map(|(o, rec)| record_to_wire(o, rec)).collect(),
         start_offset: r.start_offset,
         end_offset: r.end_offset,
+    }
+}
+
+fn offsets_to_wire(p: busbar_storage::PartitionOffsets) -> pb::PartitionOffsets {
+    pb::PartitionOffsets {
+        partition: p.partition,
+        start_offset: p.start_offset,
+        end_offset: p.end_offset,
+        size_bytes: p.bytes,
     }
 }
 
@@ -251,7 +283,9 @@ impl Busbar for BusbarService {
                 format!("partitions must be 1..={max}; got {}", req.partitions),
             ));
         }
-        match self.inner.write(Command::CreateTopic { name: name.clone(), partitions: req.partitions }).await? {
+        let config = TopicConfig::from_pairs(req.config.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| api(ErrorCode::InvalidConfig, e.to_string()))?;
+        match self.inner.write(Command::CreateTopic { name: name.clone(), partitions: req.partitions, config }).await? {
             CommandResponse::TopicCreated { .. } => {
                 Ok(Response::new(pb::CreateTopicResponse { name: name.to_string(), partitions: req.partitions }))
             }
@@ -296,18 +330,45 @@ impl Busbar for BusbarService {
         let offsets = store.partition_offsets(name.as_str()).map_err(|e| error::status(error::from_store(e)))?;
         Ok(Response::new(pb::DescribeTopicResponse {
             topic: Some(pb::TopicInfo { name: info.name.to_string(), partitions: info.partitions }),
-            partitions: offsets
-                .into_iter()
-                .map(|p| pb::PartitionOffsets {
-                    partition: p.partition,
-                    start_offset: p.start_offset,
-                    end_offset: p.end_offset,
-                })
-                .collect(),
+            partitions: offsets.into_iter().map(offsets_to_wire).collect(),
+            config: info.config.or(&self.inner.topic_defaults).to_map().into_iter().collect(),
+            topic_config: info.config.to_map().into_iter().collect(),
         }))
     }
 
+    async fn alter_topic_config(
+        &self,
+        req: Request<pb::AlterTopicConfigRequest>,
+    ) -> Result<Response<pb::AlterTopicConfigResponse>, Status> {
+        let req = req.into_inner();
+        let name = topic_name(&req.name)?;
+        let info = self
+            .inner
+            .node
+            .store
+            .topic(name.as_str())
+            .map_err(|e| error::status(error::from_store(e)))?
+            .ok_or_else(|| api(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {name}")))?;
+        let mut config = info.config;
+        let invalid = |e: busbar_types::ConfigError| api(ErrorCode::InvalidConfig, e.to_string());
+        for (k, v) in &req.set {
+            config.set(k, Some(v)).map_err(invalid)?;
+        }
+        for k in &req.unset {
+            config.set(k, None).map_err(invalid)?;
+        }
+        // Last writer wins: an alter replaces the whole config with what this node computed, like
+        // Kafka's incremental alter applied on the controller.
+        match self.inner.write(Command::AlterTopicConfig { name, config }).await? {
+            CommandResponse::TopicConfigChanged => Ok(Response::new(pb::AlterTopicConfigResponse {
+                config: config.or(&self.inner.topic_defaults).to_map().into_iter().collect(),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn produce(&self, req: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+        let _timer = crate::metrics::requests().produce.timer();
         let (partition, cmd) = self.inner.produce_command(req.into_inner())?;
         let resp = self.inner.write(cmd).await?;
         Ok(Response::new(produced(partition, resp)?))
@@ -379,6 +440,7 @@ impl Busbar for BusbarService {
     }
 
     async fn fetch(&self, req: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        let _timer = crate::metrics::requests().fetch.timer();
         let req = req.into_inner();
         topic_name(&req.topic)?;
         let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_FETCH_WAIT);
@@ -464,16 +526,7 @@ impl Busbar for BusbarService {
         topic_name(&req.topic)?;
         let offsets =
             self.inner.node.store.partition_offsets(&req.topic).map_err(|e| error::status(error::from_store(e)))?;
-        Ok(Response::new(pb::ListOffsetsResponse {
-            partitions: offsets
-                .into_iter()
-                .map(|p| pb::PartitionOffsets {
-                    partition: p.partition,
-                    start_offset: p.start_offset,
-                    end_offset: p.end_offset,
-                })
-                .collect(),
-        }))
+        Ok(Response::new(pb::ListOffsetsResponse { partitions: offsets.into_iter().map(offsets_to_wire).collect() }))
     }
 
     async fn metadata(&self, _req: Request<pb::MetadataRequest>) -> Result<Response<pb::MetadataResponse>, Status> {

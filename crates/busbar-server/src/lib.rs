@@ -14,7 +14,11 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod groups;
+pub mod http;
+pub mod lifecycle;
+pub mod metrics;
 pub mod propose;
+pub mod retention;
 pub mod server;
 
 pub use config::{Limits, ServerConfig};

@@ -20,6 +20,8 @@ use crate::bootstrap;
 use crate::cluster::ClusterService;
 use crate::config::ServerConfig;
 use crate::groups::GroupsService;
+use crate::http::HttpState;
+use crate::lifecycle;
 use crate::propose::Proposer;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Bootstrap(#[from] bootstrap::BootstrapError),
+    #[error("binding the HTTP admin port {addr}: {source}")]
+    HttpBind { addr: SocketAddr, source: std::io::Error },
 }
 
 /// Runs a node on an already-bound listener until `shutdown` resolves, then stops gracefully:
@@ -40,7 +44,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let (node, serve) = start(cfg, listener, shutdown).await?;
+    let (node, serve, _) = start(cfg, listener, shutdown).await?;
     let res = serve.await;
     node.shutdown().await;
     match res {
@@ -54,11 +58,13 @@ pub async fn run(
 
 type ServeTask = JoinHandle<Result<(), ServerError>>;
 
+/// Opens the node and starts serving; returns the node, the gRPC server's task and the HTTP admin
+/// port's bound address (when `--http` is set).
 async fn start(
     cfg: ServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(RaftNode, ServeTask), ServerError> {
+) -> Result<(RaftNode, ServeTask, Option<SocketAddr>), ServerError> {
     let node = RaftNode::open(cfg.id, &cfg.data_dir, &cfg.raft)
         .await
         .map_err(|source| ServerError::Open { dir: cfg.data_dir.display().to_string(), source })?;
@@ -67,18 +73,54 @@ async fn start(
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(node.clone().run_reclaimer(stop_rx.clone()));
 
+    let http_addr = match cfg.http {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|source| ServerError::HttpBind { addr, source })?;
+            let bound = l.local_addr().map_err(|source| ServerError::HttpBind { addr, source })?;
+            let state = HttpState::new(
+                node.clone(),
+                cfg.data_dir.clone(),
+                std::time::Duration::from_millis(cfg.raft.election_timeout_max_ms),
+            );
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let res = crate::http::serve(l, state, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "HTTP admin port failed");
+                }
+            });
+            tracing::info!(http = %bound, "serving /metrics, /healthz, /readyz");
+            Some(bound)
+        }
+        None => None,
+    };
+
     let limits = cfg.limits.clone();
-    let api = BusbarServer::new(BusbarService::new(node.clone(), limits.clone(), stop_rx.clone()))
+    let api = BusbarServer::new(BusbarService::new(node.clone(), limits.clone(), cfg.topic_defaults, stop_rx.clone()))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_fetch_bytes as usize + (1 << 20));
+    tokio::spawn(crate::retention::run(
+        node.clone(),
+        Proposer { node: node.clone(), timeout: limits.write_timeout },
+        cfg.topic_defaults,
+        cfg.retention_check,
+        stop_rx.clone(),
+    ));
     let groups = GroupsService::new(node.clone(), Proposer { node: node.clone(), timeout: limits.write_timeout });
     tokio::spawn(groups.clone().run(stop_rx.clone()));
     let groups = GroupsServer::new(groups);
-    let cluster = ClusterServer::new(ClusterService::new(node.clone(), cfg.advertise.clone(), limits));
+    let cluster =
+        ClusterServer::new(ClusterService::new(node.clone(), cfg.advertise.clone(), limits, cfg.data_dir.clone()));
     let transport = RaftTransportServer::new(RaftTransportService::new(node.raft.clone(), node.snapshots.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
 
+    // A node outside the initial voter set leaves the membership before it stops serving (while it
+    // can still take part in committing the change).
+    let leave = cfg.leaves_on_shutdown().then(|| (node.clone(), cfg.advertise.clone()));
     let serve = tokio::spawn(async move {
         let res = tonic::transport::Server::builder()
             .add_service(api)
@@ -87,8 +129,12 @@ async fn start(
             .add_service(transport)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.await;
-                tracing::info!("shutting down: no new requests; finishing in-flight ones");
                 let _ = stop_tx.send(true);
+                if let Some((node, advertise)) = leave {
+                    tracing::info!("shutting down: leaving the membership first");
+                    lifecycle::leave(&node, &advertise, lifecycle::LEAVE_TIMEOUT).await;
+                }
+                tracing::info!("shutting down: no new requests; finishing in-flight ones");
             })
             .await;
         res.map_err(ServerError::from)
@@ -99,25 +145,38 @@ async fn start(
     let advertise = cfg.advertise.clone();
     let mut stop = stop_rx;
     tokio::spawn(async move {
-        let res = match &cfg.join {
-            Some(via) => {
+        let res = match (&cfg.join, cfg.auto_membership) {
+            (Some(via), false) => {
                 tokio::select! {
                     r = bootstrap::join(&boot_node, &advertise, via) => r,
                     _ = stop.changed() => Ok(()),
                 }
             }
-            None => bootstrap::form_from_peers(&boot_node, &cfg.peers).await,
+            (None, false) => bootstrap::form_from_peers(&boot_node, &cfg.peers).await,
+            (_, true) => {
+                let formed = if cfg.peers.contains_key(&cfg.id) {
+                    bootstrap::form_from_peers(&boot_node, &cfg.peers).await
+                } else {
+                    Ok(())
+                };
+                match formed {
+                    Ok(()) => lifecycle::ensure_member(&boot_node, &advertise, &cfg.membership_contacts(), stop).await,
+                    Err(e) => Err(e),
+                }
+            }
         };
         if let Err(e) = res {
             tracing::error!(error = %e, "cluster formation failed");
         }
     });
-    Ok((node, serve))
+    Ok((node, serve, http_addr))
 }
 
 /// A node running in this process (for tests and `busbar dev`).
 pub struct ServerHandle {
     pub addr: SocketAddr,
+    /// The HTTP admin port's address, when the config asked for one.
+    pub http_addr: Option<SocketAddr>,
     pub node: RaftNode,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     serve: ServeTask,
@@ -128,11 +187,11 @@ pub async fn spawn(cfg: ServerConfig, listener: TcpListener) -> Result<ServerHan
     let addr =
         listener.local_addr().map_err(|e| ServerError::Bootstrap(bootstrap::BootstrapError::Fatal(e.to_string())))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let (node, serve) = start(cfg, listener, async move {
+    let (node, serve, http_addr) = start(cfg, listener, async move {
         let _ = rx.await;
     })
     .await?;
-    Ok(ServerHandle { addr, node, stop: Some(tx), serve })
+    Ok(ServerHandle { addr, http_addr, node, stop: Some(tx), serve })
 }
 
 impl ServerHandle {

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use busbar_server::{Limits, ServerConfig};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{cluster_cmd, consume_cmd, dev_cmd, produce_cmd, topic_cmd};
+use crate::{cluster_cmd, consume_cmd, dev_cmd, group_cmd, produce_cmd, topic_cmd};
 
 #[derive(Parser, Debug)]
 #[command(name = "busbar", version, about = "Busbar: a replicated, partitioned message bus")]
@@ -50,8 +50,11 @@ pub enum Command {
     Topic(TopicCmd),
     /// Write records to a topic: VALUE, or one record per line of standard input.
     Produce(produce_cmd::ProduceArgs),
-    /// Read records from a topic as JSON lines.
+    /// Read records from a topic as JSON lines (with --group: as a member of a consumer group).
     Consume(consume_cmd::ConsumeArgs),
+    /// Consumer groups: list, describe (members, committed offsets, lag), reset offsets, delete.
+    #[command(subcommand)]
+    Group(group_cmd::GroupCmd),
     /// Run a local cluster of server processes in the foreground, for trying Busbar out.
     Dev(dev_cmd::DevArgs),
 }
@@ -64,10 +67,25 @@ pub enum TopicCmd {
         /// Number of partitions (fixed for the topic's life).
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// Topic configuration, KEY=VALUE, repeatable: retention.ms, retention.bytes (per partition;
+        /// -1 keeps forever), max.message.bytes.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+    },
+    /// Change a topic's configuration.
+    Alter {
+        name: String,
+        /// KEY=VALUE to set, repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// KEY to clear (back to the cluster default), repeatable.
+        #[arg(long = "delete-config", value_name = "KEY")]
+        delete_config: Vec<String>,
     },
     /// Every topic and its partition count.
     List,
-    /// Each partition of a topic: its start offset (oldest record kept) and end offset (next to be written).
+    /// A topic's effective configuration, and each partition's start offset (oldest record kept),
+    /// end offset (next to be written) and size in bytes.
     Describe { name: String },
     /// Delete a topic and its records.
     Delete { name: String },
@@ -127,6 +145,26 @@ pub struct ServerArgs {
     /// How long a write waits for commit before it is reported as indeterminate.
     #[arg(long, env = "BUSBAR_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
+    /// Default retention.ms for topics that do not set it (-1 or unset: keep forever). Set the same
+    /// defaults on every node: the leader applies its own.
+    #[arg(long, env = "BUSBAR_RETENTION_MS", allow_hyphen_values = true)]
+    pub retention_ms: Option<String>,
+    /// Default retention.bytes per partition for topics that do not set it (-1 or unset: no limit).
+    #[arg(long, env = "BUSBAR_RETENTION_BYTES", allow_hyphen_values = true)]
+    pub retention_bytes: Option<String>,
+    /// How often the leader looks for records past retention.
+    #[arg(long, env = "BUSBAR_RETENTION_CHECK_MS", default_value_t = 5_000)]
+    pub retention_check_ms: u64,
+    /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on this address (off if unset).
+    #[arg(long, env = "BUSBAR_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Take the node id from the hostname's trailing ordinal plus one (pod busbar-0 is node 1).
+    #[arg(long, env = "BUSBAR_ID_FROM_HOSTNAME", conflicts_with = "id")]
+    pub id_from_hostname: bool,
+    /// Keep the membership in step with the process: every start (re)joins; a node whose id is not
+    /// in --peers joins through them and leaves the membership when stopped gracefully.
+    #[arg(long, env = "BUSBAR_AUTO_MEMBERSHIP")]
+    pub auto_membership: bool,
 }
 
 pub fn init_tracing(cli: &Cli) {
@@ -157,7 +195,11 @@ pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
-fn server_config(a: ServerArgs) -> anyhow::Result<ServerConfig> {
+fn server_config(mut a: ServerArgs) -> anyhow::Result<ServerConfig> {
+    if a.id_from_hostname {
+        let host = busbar_server::config::hostname().map_err(anyhow::Error::msg)?;
+        a.id = busbar_server::config::id_from_hostname(&host).map_err(anyhow::Error::msg)?;
+    }
     let advertise = a.advertise.clone().unwrap_or_else(|| a.listen.to_string());
     let mut cfg = ServerConfig::single_node(a.id, a.listen, a.data_dir.clone());
     cfg.advertise = advertise.clone();
@@ -166,6 +208,11 @@ fn server_config(a: ServerArgs) -> anyhow::Result<ServerConfig> {
         (Some(p), _) => {
             let peers = parse_peers(p)?;
             match peers.get(&a.id) {
+                // Every pod of a StatefulSet gets the same --peers: those past the initial voters join.
+                None if a.auto_membership => {
+                    cfg.join = Some(peers.values().cloned().collect::<Vec<_>>().join(","));
+                    BTreeMap::new()
+                }
                 None => bail!("--peers must include this node's own id {}", a.id),
                 Some(addr) if *addr != advertise => {
                     bail!("--peers gives node {} the address {addr}, but this node advertises {advertise} (set --advertise)", a.id)
@@ -191,6 +238,16 @@ fn server_config(a: ServerArgs) -> anyhow::Result<ServerConfig> {
         max_request_bytes: a.max_batch_bytes.saturating_mul(2).max(4 << 20),
         ..Limits::default()
     };
+    let mut defaults = busbar_types::TopicConfig::default();
+    defaults.set("retention.ms", a.retention_ms.as_deref()).map_err(|e| anyhow::anyhow!("--retention-ms: {e}"))?;
+    defaults
+        .set("retention.bytes", a.retention_bytes.as_deref())
+        .map_err(|e| anyhow::anyhow!("--retention-bytes: {e}"))?;
+    defaults.max_message_bytes = u32::try_from(a.max_record_bytes).ok();
+    cfg.topic_defaults = defaults;
+    cfg.retention_check = std::time::Duration::from_millis(a.retention_check_ms.max(100));
+    cfg.http = a.http;
+    cfg.auto_membership = a.auto_membership;
     Ok(cfg)
 }
 
@@ -210,6 +267,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(cmd) => topic_cmd::run(&cli.brokers, cli.output, cmd).await,
         Command::Produce(args) => produce_cmd::run(&cli.brokers, cli.output, args).await,
         Command::Consume(args) => consume_cmd::run(&cli.brokers, cli.output, args).await,
+        Command::Group(cmd) => group_cmd::run(&cli.brokers, cli.output, cmd).await,
         Command::Dev(args) => dev_cmd::run(cli.output, args).await,
     }
 }

@@ -5,6 +5,7 @@ mod cluster_cmd;
 mod common;
 mod consume_cmd;
 mod dev_cmd;
+mod group_cmd;
 mod produce_cmd;
 mod topic_cmd;
 
