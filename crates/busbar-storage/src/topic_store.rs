@@ -189,6 +189,9 @@ struct Inner {
     /// Consumer groups. Written by apply (under `apply_lock`) after its transaction commits; read by
     /// the API.
     groups: RwLock<BTreeMap<String, GroupState>>,
+    /// Committed group offsets retention moved up to a partition's new start, since this process
+    /// started (a metric: those groups skip records they never consumed).
+    group_offsets_moved: std::sync::atomic::AtomicU64,
 }
 
 const GENERATION_KEY: &[u8] = b"generation";
@@ -289,6 +292,7 @@ impl TopicStore {
                 retired: Mutex::new(Vec::new()),
                 producers: Mutex::new(producers),
                 groups: RwLock::new(groups),
+                group_offsets_moved: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -321,6 +325,7 @@ impl TopicStore {
             groups,
             touched_groups: BTreeSet::new(),
             records_tree: cur.generation.records.clone(),
+            group_offsets_moved: 0,
             meta_batch: sled::Batch::default(),
             records_batch: sled::Batch::default(),
         };
@@ -332,7 +337,9 @@ impl TopicStore {
             };
             responses.push(resp);
         }
-        let Work { mut meta, touched, mut meta_batch, records_batch, groups, touched_groups, .. } = w;
+        let Work {
+            mut meta, touched, mut meta_batch, records_batch, groups, touched_groups, group_offsets_moved, ..
+        } = w;
         for name in &touched_groups {
             match groups.get(name) {
                 Some(g) => meta_batch.insert(group_key(name), checked::seal_bincode("group", g)?),
@@ -363,6 +370,7 @@ impl TopicStore {
         if !touched_groups.is_empty() {
             *self.inner.groups.write().map_err(lock_err)? = groups;
         }
+        self.inner.group_offsets_moved.fetch_add(group_offsets_moved, std::sync::atomic::Ordering::Relaxed);
         Ok(responses)
     }
 
@@ -644,6 +652,12 @@ impl TopicStore {
         Ok(self.current()?.generation.meta_tree.scan_prefix(b"reclaim/").count())
     }
 
+    /// Committed group offsets that retention moved up to a partition's new start since this
+    /// process started.
+    pub fn group_offsets_moved_by_retention(&self) -> u64 {
+        self.inner.group_offsets_moved.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Names of every consumer group.
     pub fn group_names(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.inner.groups.read().map_err(lock_err)?.keys().cloned().collect())
@@ -856,6 +870,8 @@ struct Work<'a> {
     touched_groups: BTreeSet<String>,
     /// The records tree, read (never written) to size the batches retention drops.
     records_tree: sled::Tree,
+    /// Group offsets this apply moved up to a new start offset (see `group_offsets_moved`).
+    group_offsets_moved: u64,
     meta_batch: sled::Batch,
     records_batch: sled::Batch,
 }
@@ -1032,6 +1048,7 @@ impl Work<'_> {
         for (name, g) in self.groups.iter_mut() {
             if g.clamp_committed((topic_id, partition), new_start) {
                 self.touched_groups.insert(name.clone());
+                self.group_offsets_moved += 1;
             }
         }
         Ok(CommandResponse::PrefixTruncated { start_offset: new_start })
@@ -1547,6 +1564,7 @@ mod tests {
         assert_eq!(r.records.first().map(|(o, _)| *o), Some(5));
         assert_eq!(r.records.len(), 4);
         assert_eq!(store.group("g").unwrap().unwrap().partitions[0].committed, Some(5));
+        assert_eq!(store.group_offsets_moved_by_retention(), 1, "counted for the metric");
         // Idempotent, and never backwards.
         assert_eq!(truncate(&store, 3), CommandResponse::PrefixTruncated { start_offset: 5 });
         assert!(matches!(truncate(&store, 100), CommandResponse::Rejected { code: ErrorCode::OffsetOutOfRange, .. }));
