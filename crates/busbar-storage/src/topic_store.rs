@@ -18,6 +18,7 @@
 //! reading. That is what lets an export read a consistent point-in-time view while appends go on:
 //! the data is append-only and bounded by the end offsets captured at the snapshot's index.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -317,12 +318,14 @@ impl TopicStore {
         let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
         let cur = self.current()?;
         let mut producers = self.inner.producers.lock().map_err(lock_err)?;
-        let groups = self.inner.groups.read().map_err(lock_err)?.clone();
+        // Read-locked for the whole apply (only apply writes groups, under `apply_lock`); copied only
+        // if a command changes a group, so a produce does not clone every group.
+        let groups_now = self.inner.groups.read().map_err(lock_err)?;
         let mut w = Work {
             meta: (*cur.meta).clone(),
             producers: &producers,
             touched: HashMap::new(),
-            groups,
+            groups: Cow::Borrowed(&*groups_now),
             touched_groups: BTreeSet::new(),
             records_tree: cur.generation.records.clone(),
             group_offsets_moved: 0,
@@ -346,6 +349,11 @@ impl TopicStore {
                 None => meta_batch.remove(group_key(name)),
             }
         }
+        let changed_groups = match groups {
+            Cow::Owned(g) => Some(g),
+            Cow::Borrowed(_) => None,
+        };
+        drop(groups_now);
         meta.applied = Some(applied_after.clone());
         meta_batch.insert(APPLIED_KEY, checked::seal(&applied_after));
 
@@ -367,7 +375,7 @@ impl TopicStore {
                 None => producers.remove(&k),
             };
         }
-        if !touched_groups.is_empty() {
+        if let Some(groups) = changed_groups {
             *self.inner.groups.write().map_err(lock_err)? = groups;
         }
         self.inner.group_offsets_moved.fetch_add(group_offsets_moved, std::sync::atomic::Ordering::Relaxed);
@@ -865,8 +873,8 @@ struct Work<'a> {
     meta: Meta,
     producers: &'a HashMap<ProducerKey, ProducerState>,
     touched: HashMap<ProducerKey, Option<ProducerState>>,
-    /// A working copy of the groups, and which ones this apply changed (to write back).
-    groups: BTreeMap<String, GroupState>,
+    /// The groups, copied on the first change (to write back), and which ones this apply changed.
+    groups: Cow<'a, BTreeMap<String, GroupState>>,
     touched_groups: BTreeSet<String>,
     /// The records tree, read (never written) to size the batches retention drops.
     records_tree: sled::Tree,
@@ -909,7 +917,7 @@ impl Work<'_> {
                     format!("group {group} has {} active member(s); stop them first", g.members.len()),
                 ),
                 Some(_) => {
-                    self.groups.remove(group.as_str());
+                    self.groups.to_mut().remove(group.as_str());
                     self.touched_groups.insert(group.to_string());
                     CommandResponse::GroupChanged { generation: 0 }
                 }
@@ -956,7 +964,7 @@ impl Work<'_> {
         let topics = Topics { by_name: &self.meta.topics, partitions: &self.meta.partitions };
         let resp = f(&mut g, &topics);
         if !matches!(resp, CommandResponse::Rejected { .. }) {
-            self.groups.insert(name.clone(), g);
+            self.groups.to_mut().insert(name.clone(), g);
             self.touched_groups.insert(name);
         }
         resp
@@ -965,13 +973,24 @@ impl Work<'_> {
     /// After a topic is created or deleted: groups that subscribe to it (or hold offsets of it)
     /// drop what no longer exists and rebalance.
     fn topics_changed(&mut self, topic: &TopicName, deleted_id: Option<u32>) {
+        let affected: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                g.members.values().any(|m| m.topics.contains(topic))
+                    || deleted_id.is_some_and(|id| g.committed.keys().any(|(t, _)| *t == id))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        if affected.is_empty() {
+            return;
+        }
         let topics = Topics { by_name: &self.meta.topics, partitions: &self.meta.partitions };
-        for (name, g) in self.groups.iter_mut() {
-            let subscribed = g.members.values().any(|m| m.topics.contains(topic));
-            let has_offsets = deleted_id.is_some_and(|id| g.committed.keys().any(|(t, _)| *t == id));
-            if subscribed || has_offsets {
+        let groups = self.groups.to_mut();
+        for name in affected {
+            if let Some(g) = groups.get_mut(&name) {
                 g.topics_changed(&topics);
-                self.touched_groups.insert(name.clone());
+                self.touched_groups.insert(name);
             }
         }
     }
@@ -1045,10 +1064,18 @@ impl Work<'_> {
         self.meta_batch.insert(partition_key(topic_id, partition), checked::seal_bincode("partition state", &st)?);
         self.meta_batch.insert(trim_key(topic_id, partition), checked::seal(&new_start.to_be_bytes()));
         // Groups whose committed offset fell below the new start resume at the start.
-        for (name, g) in self.groups.iter_mut() {
-            if g.clamp_committed((topic_id, partition), new_start) {
-                self.touched_groups.insert(name.clone());
-                self.group_offsets_moved += 1;
+        let behind: Vec<String> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.committed.get(&(topic_id, partition)).is_some_and(|c| *c < new_start))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in behind {
+            if let Some(g) = self.groups.to_mut().get_mut(&name) {
+                if g.clamp_committed((topic_id, partition), new_start) {
+                    self.group_offsets_moved += 1;
+                    self.touched_groups.insert(name);
+                }
             }
         }
         Ok(CommandResponse::PrefixTruncated { start_offset: new_start })
