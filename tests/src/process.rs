@@ -743,3 +743,81 @@ impl Producer {
         Ok(report)
     }
 }
+
+/// Runs `bin args...` with `stdin` on standard input, bounded, the BUSBAR_* environment cleared.
+pub async fn run_cli_with_stdin(bin: &Path, args: &[&str], stdin: &[u8]) -> anyhow::Result<std::process::Output> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    for k in BUSBAR_ENV {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd.spawn().context("spawning busbar")?;
+    let mut input = child.stdin.take().context("no stdin pipe")?;
+    // A command that fails early stops reading; its exit status and stderr then tell the story.
+    let _ = input.write_all(stdin).await;
+    drop(input);
+    match tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output()).await {
+        Ok(out) => out.with_context(|| format!("running busbar {}", args.join(" "))),
+        Err(_) => bail!("busbar {} did not finish within {CLI_TIMEOUT:?}", args.join(" ")),
+    }
+}
+
+/// One single-node `busbar server` process with its own port and data dir, for CLI tests; killed on
+/// drop.
+pub struct SingleServer {
+    pub proc: Proc,
+    pub addr: String,
+    bin: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SingleServer {
+    /// Starts it and waits (bounded) until it leads.
+    pub async fn start(bin: &Path, prefix: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let addr = free_addr()?;
+        let args: Vec<String> =
+            ["server", "--id", "1", "--listen", &addr, "--data-dir", "data"].iter().map(|s| s.to_string()).collect();
+        let mut proc = Proc::spawn(bin, &args, dir.path(), &dir.path().join("server.log"))?;
+        let leads = crate::wait::until(&format!("the server on {addr} to lead"), Duration::from_secs(30), || {
+            let addr = addr.clone();
+            async move {
+                probe_status(&addr).await.ok().filter(|s| s.role == busbar_client::NodeRole::Leader as i32).map(|_| ())
+            }
+        })
+        .await;
+        if let Err(e) = leads {
+            let log = proc.read_log().unwrap_or_default();
+            let _ = proc.kill();
+            bail!("{e:#}\nserver log (tail):\n{}", tail(&log, 40));
+        }
+        Ok(Self { proc, addr, bin: bin.to_path_buf(), _dir: dir })
+    }
+
+    /// `--brokers <this server> --output json` followed by `args`.
+    pub fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["--brokers", self.addr.as_str(), "--output", "json"];
+        all.extend_from_slice(args);
+        all
+    }
+
+    /// `busbar --brokers <this server> --output json <args>`, with `stdin` on standard input.
+    pub async fn cli(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<std::process::Output> {
+        run_cli_with_stdin(&self.bin, &self.args(args), stdin).await
+    }
+
+    /// Like [`SingleServer::cli`]; fails unless the command succeeded. Returns its JSON lines.
+    pub async fn ok(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<Vec<serde_json::Value>> {
+        let out = self.cli(args, stdin).await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "busbar {} failed ({}): {}\nserver log (tail):\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.proc.read_log().unwrap_or_default(), 30)
+        );
+        json_lines(&out)
+    }
+}

@@ -8,91 +8,28 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, Context};
 use base64::Engine;
-use busbar_client::{NodeRole, Record};
-use busbar_tests::process::{client_for, free_addr, json_lines, probe_status, tail, Proc};
-use busbar_tests::wait;
+use busbar_client::Record;
+use busbar_tests::process::{client_for, json_lines, run_cli_with_stdin, SingleServer};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_busbar");
-/// Bound on a node starting and electing itself.
-const STARTUP: Duration = Duration::from_secs(30);
-/// Bound on one CLI run.
-const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on `busbar dev` forming its cluster, and on it stopping after SIGINT.
 const DEV_READY: Duration = Duration::from_secs(60);
 const DEV_STOP: Duration = Duration::from_secs(30);
 
-/// One `busbar server` process with its own port and data dir; killed on drop.
-struct Server {
-    proc: Proc,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
+type Server = SingleServer;
 
-impl Server {
-    async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("busbar-cli-").tempdir()?;
-        let addr = free_addr()?;
-        let args: Vec<String> =
-            ["server", "--id", "1", "--listen", &addr, "--data-dir", "data"].iter().map(|s| s.to_string()).collect();
-        let mut proc = Proc::spawn(Path::new(BIN), &args, dir.path(), &dir.path().join("server.log"))?;
-        let leads = wait::until(&format!("the server on {addr} to lead"), STARTUP, || {
-            let addr = addr.clone();
-            async move { probe_status(&addr).await.ok().filter(|s| s.role == NodeRole::Leader as i32).map(|_| ()) }
-        })
-        .await;
-        if let Err(e) = leads {
-            let log = proc.read_log().unwrap_or_default();
-            let _ = proc.kill();
-            bail!("{e:#}\nserver log (tail):\n{}", tail(&log, 40));
-        }
-        Ok(Self { proc, addr, _dir: dir })
-    }
-
-    /// `busbar --brokers <this server> --output json <args>`, with `stdin` on standard input.
-    async fn cli(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<std::process::Output> {
-        let mut all = vec!["--brokers", self.addr.as_str(), "--output", "json"];
-        all.extend_from_slice(args);
-        run(&all, stdin).await
-    }
-
-    /// Like [`Server::cli`]; fails unless the command succeeded. Returns its JSON lines.
-    async fn ok(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<Vec<Value>> {
-        let out = self.cli(args, stdin).await?;
-        ensure!(
-            out.status.success(),
-            "busbar {} failed ({}): {}\nserver log (tail):\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.proc.read_log().unwrap_or_default(), 30)
-        );
-        json_lines(&out)
-    }
+/// A single-node server for one test (its own port and data dir; killed on drop).
+async fn server() -> anyhow::Result<Server> {
+    SingleServer::start(Path::new(BIN), "busbar-cli-").await
 }
 
 /// Runs the binary, bounded, with the caller's BUSBAR_* settings cleared.
 async fn run(args: &[&str], stdin: &[u8]) -> anyhow::Result<std::process::Output> {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args(args)
-        .env_remove("BUSBAR_BROKERS")
-        .env_remove("BUSBAR_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().context("spawning busbar")?;
-    let mut input = child.stdin.take().context("no stdin pipe")?;
-    // A command that fails early stops reading; its exit status and stderr then tell the story.
-    let _ = input.write_all(stdin).await;
-    drop(input);
-    match tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output()).await {
-        Ok(out) => out.with_context(|| format!("running busbar {}", args.join(" "))),
-        Err(_) => bail!("busbar {} did not finish within {CLI_TIMEOUT:?}", args.join(" ")),
-    }
+    run_cli_with_stdin(Path::new(BIN), args, stdin).await
 }
 
 /// Fails unless the command exited 1 with exactly one stderr line that names `code`.
@@ -111,7 +48,7 @@ fn now_ms() -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn topic_produce_consume_round_trip_then_delete() -> anyhow::Result<()> {
-    let s = Server::start().await?;
+    let s = server().await?;
     let created = s.ok(&["topic", "create", "rt", "--partitions", "2"], b"").await?;
     assert_eq!(created, vec![json!({"topic": "rt", "partitions": 2})]);
 
@@ -171,7 +108,7 @@ async fn topic_produce_consume_round_trip_then_delete() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bytes_that_are_not_utf8_are_consumed_as_marked_base64() -> anyhow::Result<()> {
-    let s = Server::start().await?;
+    let s = server().await?;
     s.ok(&["topic", "create", "bin"], b"").await?;
     // From stdin: the CLI sends lines as raw bytes.
     s.ok(&["produce", "bin", "--key-separator", "=", "--partition", "0"], b"\xffk=\x00\xfe\n").await?;
@@ -205,7 +142,7 @@ async fn bytes_that_are_not_utf8_are_consumed_as_marked_base64() -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_inputs_exit_1_with_one_line_naming_the_code() -> anyhow::Result<()> {
-    let s = Server::start().await?;
+    let s = server().await?;
     assert_error(&s.cli(&["topic", "create", "bad name!"], b"").await?, 17, "invalid topic name");
     assert_error(&s.cli(&["topic", "create", "zero", "--partitions", "0"], b"").await?, 37, "zero partitions");
     assert_error(&s.cli(&["produce", "nope", "value"], b"").await?, 3, "produce to an unknown topic");

@@ -11,97 +11,31 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use busbar_client::NodeRole;
-use busbar_tests::process::{client_for, free_addr, json_lines, probe_status, tail, Proc};
-use busbar_tests::wait;
+use busbar_tests::process::{client_for, run_cli_with_stdin, SingleServer};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_busbar");
-/// Bound on a node starting and electing itself.
-const STARTUP: Duration = Duration::from_secs(30);
 /// Bound on one CLI run.
 const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One `busbar server` process with its own port and data dir; killed on drop.
-struct Server {
-    proc: Proc,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
+type Server = SingleServer;
 
-impl Server {
-    async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("busbar-cli-groups-").tempdir()?;
-        let addr = free_addr()?;
-        let args: Vec<String> =
-            ["server", "--id", "1", "--listen", &addr, "--data-dir", "data"].iter().map(|s| s.to_string()).collect();
-        let mut proc = Proc::spawn(Path::new(BIN), &args, dir.path(), &dir.path().join("server.log"))?;
-        let leads = wait::until(&format!("the server on {addr} to lead"), STARTUP, || {
-            let addr = addr.clone();
-            async move { probe_status(&addr).await.ok().filter(|s| s.role == NodeRole::Leader as i32).map(|_| ()) }
-        })
-        .await;
-        if let Err(e) = leads {
-            let log = proc.read_log().unwrap_or_default();
-            let _ = proc.kill();
-            bail!("{e:#}\nserver log (tail):\n{}", tail(&log, 40));
-        }
-        Ok(Self { proc, addr, _dir: dir })
-    }
-
-    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut all = vec!["--brokers", self.addr.as_str(), "--output", "json"];
-        all.extend_from_slice(args);
-        all
-    }
-
-    /// `busbar --brokers <this server> --output json <args>`, with `stdin` on standard input.
-    async fn cli(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<std::process::Output> {
-        run(&self.args(args), stdin).await
-    }
-
-    /// Like [`Server::cli`]; fails unless the command succeeded. Returns its JSON lines.
-    async fn ok(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<Vec<Value>> {
-        let out = self.cli(args, stdin).await?;
-        ensure!(
-            out.status.success(),
-            "busbar {} failed ({}): {}\nserver log (tail):\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.proc.read_log().unwrap_or_default(), 30)
-        );
-        json_lines(&out)
-    }
-
-    /// `group describe` as one JSON object.
-    async fn describe(&self, group: &str) -> anyhow::Result<Value> {
-        let mut lines = self.ok(&["group", "describe", group], b"").await?;
-        ensure!(lines.len() == 1, "describe prints one JSON object: {lines:?}");
-        lines.pop().context("no describe line")
-    }
+/// A single-node server for one test (its own port and data dir; killed on drop).
+async fn server() -> anyhow::Result<Server> {
+    SingleServer::start(Path::new(BIN), "busbar-cli-groups-").await
 }
 
 /// Runs the binary, bounded, with the caller's BUSBAR_* settings cleared.
 async fn run(args: &[&str], stdin: &[u8]) -> anyhow::Result<std::process::Output> {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args(args)
-        .env_remove("BUSBAR_BROKERS")
-        .env_remove("BUSBAR_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().context("spawning busbar")?;
-    let mut input = child.stdin.take().context("no stdin pipe")?;
-    // A command that fails early stops reading; its exit status and stderr then tell the story.
-    let _ = input.write_all(stdin).await;
-    drop(input);
-    match tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output()).await {
-        Ok(out) => out.with_context(|| format!("running busbar {}", args.join(" "))),
-        Err(_) => bail!("busbar {} did not finish within {CLI_TIMEOUT:?}", args.join(" ")),
-    }
+    run_cli_with_stdin(Path::new(BIN), args, stdin).await
+}
+
+/// `group describe` as one JSON object.
+async fn describe(s: &Server, group: &str) -> anyhow::Result<Value> {
+    let mut lines = s.ok(&["group", "describe", group], b"").await?;
+    ensure!(lines.len() == 1, "describe prints one JSON object: {lines:?}");
+    lines.pop().context("no describe line")
 }
 
 /// Fails unless the command exited 1 with exactly one stderr line that names `code`.
@@ -135,7 +69,7 @@ const CONSUME_G: [&str; 7] = ["consume", "t", "--group", "g", "--from", "beginni
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consume_with_a_group_resumes_at_its_commits_and_group_commands_manage_it() -> anyhow::Result<()> {
-    let s = Server::start().await?;
+    let s = server().await?;
     s.ok(&["topic", "create", "t", "--partitions", "2"], b"").await?;
     let acks = s.ok(&["produce", "t"], b"a\nb\nc\nd\ne\nf\n").await?;
     assert_eq!(acks.len(), 6);
@@ -155,7 +89,7 @@ async fn consume_with_a_group_resumes_at_its_commits_and_group_commands_manage_i
     let second = s.ok(&consume, b"").await?;
     assert!(second.is_empty(), "nothing new for the group: {second:?}");
 
-    let d = s.describe("g").await?;
+    let d = describe(&s, "g").await?;
     assert_eq!(d["group"], "g");
     assert_eq!(d["members"], json!([]), "both runs left the group: {d}");
     let parts = d["partitions"].as_array().context("partitions")?;
@@ -174,7 +108,7 @@ async fn consume_with_a_group_resumes_at_its_commits_and_group_commands_manage_i
     let reset = s.ok(&["group", "reset-offsets", "g", "--topic", "t", "--to", "earliest"], b"").await?;
     assert_eq!(reset.len(), 2, "{reset:?}");
     assert!(reset.iter().all(|r| r["committed"] == 0), "{reset:?}");
-    let d = s.describe("g").await?;
+    let d = describe(&s, "g").await?;
     let lag: u64 = d["partitions"].as_array().context("partitions")?.iter().filter_map(|p| p["lag"].as_u64()).sum();
     assert_eq!(lag, 6, "{d}");
     let third = s.ok(&consume, b"").await?;
@@ -206,7 +140,7 @@ async fn consume_with_a_group_resumes_at_its_commits_and_group_commands_manage_i
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_active_group_cannot_be_reset_or_deleted_and_a_follower_commits_on_ctrl_c() -> anyhow::Result<()> {
-    let s = Server::start().await?;
+    let s = server().await?;
     s.ok(&["topic", "create", "t", "--partitions", "2"], b"").await?;
     s.ok(&["produce", "t"], b"one\ntwo\n").await?;
 
@@ -236,7 +170,7 @@ async fn an_active_group_cannot_be_reset_or_deleted_and_a_follower_commits_on_ct
     read_two.context("the follower did not print the two records in time")??;
 
     // It is a member now: offsets cannot be reset under it, nor the group deleted.
-    let d = s.describe("g").await?;
+    let d = describe(&s, "g").await?;
     assert_eq!(d["members"].as_array().map(Vec::len), Some(1), "{d}");
     let reset = s.cli(&["group", "reset-offsets", "g", "--topic", "t", "--to", "earliest"], b"").await?;
     assert_error(&reset, 68, "reset of an active group");
@@ -252,7 +186,7 @@ async fn an_active_group_cannot_be_reset_or_deleted_and_a_follower_commits_on_ct
     signal(child.id().context("no pid")?, rustix::process::Signal::INT);
     let status = tokio::time::timeout(CLI_TIMEOUT, child.wait()).await.context("the follower did not stop")??;
     assert!(status.success(), "the follower exited with {status}");
-    let d = s.describe("g").await?;
+    let d = describe(&s, "g").await?;
     assert_eq!(d["members"], json!([]), "{d}");
     for p in d["partitions"].as_array().context("partitions")? {
         assert_eq!(p["lag"], 0, "everything printed was committed: {p}");
