@@ -243,36 +243,33 @@ fn gap_between_segments_refuses_to_open() {
 /// the damage is inside the log.
 #[test]
 fn length_field_damaged_in_the_last_segment_with_frames_after_it_refuses_to_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }).unwrap();
-    for i in 1..=20 {
-        wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
+    // Entries 1..=20 in one segment; returns that segment.
+    fn one_segment(dir: &Path) -> PathBuf {
+        let wal = Wal::open(dir, WalOptions { segment_bytes: 1 << 20 }).unwrap();
+        for i in 1..=20 {
+            wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
+        }
+        wal.close().unwrap();
+        segments(dir).pop().unwrap()
     }
-    wal.close().unwrap();
-    let last = segments(dir.path()).pop().unwrap();
-    let offs = frame_offsets(&last);
-    let victim = offs[10];
-    // +4096 on the length: within the entry limit, far past the end of this small file.
-    let f = OpenOptions::new().read(true).write(true).open(&last).unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, victim + 5).unwrap();
-    f.write_all_at(&[b[0] ^ 0x10], victim + 5).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    // +4096 on the frame's length: within the entry limit, far past the end of this small file.
+    fn lengthen(path: &Path, frame: u64) {
+        let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, frame + 5).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], frame + 5).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let last = one_segment(dir.path());
+    let victim = frame_offsets(&last)[10];
+    lengthen(&last, victim);
     assert_corrupt_at(Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }), &last, victim);
     // The same damage on the very last frame is a torn tail: nothing follows it.
     let dir = tempfile::tempdir().unwrap();
-    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }).unwrap();
-    for i in 1..=20 {
-        wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
-    }
-    wal.close().unwrap();
-    let last = segments(dir.path()).pop().unwrap();
-    let victim = *frame_offsets(&last).last().unwrap();
-    let f = OpenOptions::new().read(true).write(true).open(&last).unwrap();
-    f.read_exact_at(&mut b, victim + 5).unwrap();
-    f.write_all_at(&[b[0] ^ 0x10], victim + 5).unwrap();
-    drop(f);
+    let last = one_segment(dir.path());
+    lengthen(&last, *frame_offsets(&last).last().unwrap());
     let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }).unwrap();
     assert_eq!(wal.last_index(), Some(19));
 }
