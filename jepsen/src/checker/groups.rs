@@ -1,0 +1,194 @@
+//! Consumer-group offsets: a group's committed offset never goes back (`commit-backwards`), an
+//! acknowledged commit is seen by every later read of the offsets (`commit-not-visible`), and a
+//! member taking a partition over resumes no later than the group's committed offset, so no
+//! record goes unconsumed (`takeover-skip`).
+//!
+//! Real-time order is position in the history: an operation whose completion is recorded before
+//! another's invocation finished before the other started.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde_json::json;
+
+use super::ops::{Operation, Outcome};
+use super::report::{Anomalies, COMMIT_BACKWARDS, COMMIT_NOT_VISIBLE, TAKEOVER_SKIP};
+use crate::history::Op;
+
+/// One (group, partition) the offsets are kept for.
+type Key<'h> = (&'h str, u32);
+
+/// The highest committed offset known so far, and which operation made it known.
+#[derive(Clone, Copy)]
+struct Known {
+    offset: u64,
+    index: u64,
+    /// Position of the completion of the operation that made it known.
+    end: usize,
+}
+
+pub(crate) fn check(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
+    offsets_over_time(ops, anomalies);
+    takeovers(ops, anomalies);
+}
+
+/// Judges every ok read of committed offsets against what was known before it started.
+fn offsets_over_time(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
+    let mut fetches: Vec<&Operation<'_>> =
+        ops.iter().filter(|o| o.outcome == Outcome::Ok && matches!(o.op, Op::FetchCommitted { .. })).collect();
+    fetches.sort_by_key(|o| o.start);
+    // Completed operations that make an offset known: ok fetches and ok commits (`ops` is in
+    // completion order already).
+    let known_by: Vec<&Operation<'_>> = ops
+        .iter()
+        .filter(|o| o.outcome == Outcome::Ok && matches!(o.op, Op::FetchCommitted { .. } | Op::Commit { .. }))
+        .collect();
+    // (group, partition, offset) -> invocation positions of commits (ok or indeterminate) of it:
+    // what could explain a lower offset showing up after a higher one.
+    let mut commit_starts: HashMap<(&str, u32, u64), Vec<usize>> = HashMap::new();
+    for o in ops.iter().filter(|o| o.outcome != Outcome::Fail) {
+        if let Op::Commit { group, offsets, .. } = o.op {
+            for g in offsets {
+                commit_starts.entry((group.as_str(), g.partition, g.offset)).or_default().push(o.start);
+            }
+        }
+    }
+
+    let mut fetched: BTreeMap<Key<'_>, Known> = BTreeMap::new();
+    let mut committed: BTreeMap<Key<'_>, Known> = BTreeMap::new();
+    let mut next = 0;
+    for f in fetches {
+        while let Some(k) = known_by.get(next).filter(|k| k.end < f.start) {
+            next += 1;
+            let (group, offsets, into) = match k.op {
+                Op::FetchCommitted { group, offsets } => (group, offsets, &mut fetched),
+                Op::Commit { group, offsets, .. } => (group, offsets, &mut committed),
+                _ => continue,
+            };
+            for g in offsets {
+                let known = into.entry((group.as_str(), g.partition)).or_insert(Known {
+                    offset: g.offset,
+                    index: k.index(),
+                    end: k.end,
+                });
+                if g.offset > known.offset {
+                    *known = Known { offset: g.offset, index: k.index(), end: k.end };
+                }
+            }
+        }
+        let Op::FetchCommitted { group, offsets } = f.op else { continue };
+        let seen: BTreeMap<u32, u64> = offsets.iter().map(|g| (g.partition, g.offset)).collect();
+        for (&partition, &offset) in &seen {
+            let key = (group.as_str(), partition);
+            let case = |kind: &str, known: Known| {
+                json!({"group": group, "partition": partition, "index": f.index(), "invoke": f.invoke_index(),
+                       "observed": offset, kind: {"offset": known.offset, "index": known.index}})
+            };
+            if let Some(&known) = fetched.get(&key).filter(|k| k.offset > offset) {
+                anomalies.push(COMMIT_BACKWARDS, case("earlier_observation", known));
+            } else if let Some(&known) = committed.get(&key).filter(|k| k.offset > offset) {
+                // A lower commit issued after the higher one was acknowledged, and accepted,
+                // moved the offset back; otherwise the acknowledged commit simply is not there.
+                let rewound = commit_starts
+                    .get(&(group.as_str(), partition, offset))
+                    .is_some_and(|starts| starts.iter().any(|&s| s > known.end && s < f.end));
+                if rewound {
+                    anomalies.push(COMMIT_BACKWARDS, case("earlier_commit", known));
+                } else {
+                    anomalies.push(COMMIT_NOT_VISIBLE, case("commit", known));
+                }
+            }
+        }
+        // The read has no partition filter: it returns every offset the group has, so an
+        // acknowledged commit of a partition it lacks is not visible either.
+        for (&(_, partition), known) in committed.range((group.as_str(), 0)..=(group.as_str(), u32::MAX)) {
+            if !seen.contains_key(&partition) {
+                anomalies.push(
+                    COMMIT_NOT_VISIBLE,
+                    json!({"group": group, "partition": partition, "index": f.index(), "invoke": f.invoke_index(),
+                           "observed": null, "commit": {"offset": known.offset, "index": known.index}}),
+                );
+            }
+        }
+    }
+}
+
+/// Everything that bounds where a new owner of a partition may start: (position, offset, index).
+/// A commit counts from its invocation, ok or indeterminate, because the new owner reads the
+/// committed offset at some moment after its assignment, and a commit in flight may already be
+/// applied then; a fetch counts from its completion. Counting generously only weakens the bound:
+/// no false alarms from timing.
+fn start_bounds<'h>(ops: &[Operation<'h>]) -> HashMap<Key<'h>, Vec<(usize, u64, u64)>> {
+    let mut bounds: HashMap<Key<'h>, Vec<(usize, u64, u64)>> = HashMap::new();
+    for o in ops {
+        let (group, offsets, pos) = match (o.op, o.outcome) {
+            (Op::Commit { group, offsets, .. }, Outcome::Ok | Outcome::Info) => (group, offsets, o.start),
+            (Op::FetchCommitted { group, offsets }, Outcome::Ok) => (group, offsets, o.end),
+            _ => continue,
+        };
+        for g in offsets {
+            bounds.entry((group.as_str(), g.partition)).or_default().push((pos, g.offset, o.index()));
+        }
+    }
+    bounds
+}
+
+/// A partition newly given to a member, not read by it yet.
+struct Takeover<'h> {
+    group: &'h str,
+    assign: u64,
+}
+
+fn takeovers(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
+    let bounds = start_bounds(ops);
+    // consumer -> partitions it owns (or may own, after an indeterminate assignment).
+    let mut owned: HashMap<&str, BTreeSet<u32>> = HashMap::new();
+    // consumer -> partition -> the takeover awaiting its first read.
+    let mut awaiting: HashMap<&str, BTreeMap<u32, Takeover<'_>>> = HashMap::new();
+    for o in ops {
+        match (o.op, o.outcome) {
+            (Op::Assign { consumer, group, partitions, .. }, Outcome::Ok) => {
+                let mine = owned.entry(consumer.as_str()).or_default();
+                let waiting = awaiting.entry(consumer.as_str()).or_default();
+                waiting.retain(|p, _| partitions.contains(p));
+                if let Some(group) = group {
+                    // Only a partition the member did not own resumes from the committed offset;
+                    // a kept one continues from the member's own position, ahead of its commits.
+                    for p in partitions.iter().filter(|p| !mine.contains(p)) {
+                        waiting.insert(*p, Takeover { group: group.as_str(), assign: o.index() });
+                    }
+                }
+                *mine = partitions.iter().copied().collect();
+            }
+            (Op::Assign { consumer, partitions, .. }, Outcome::Info) => {
+                owned.entry(consumer.as_str()).or_default().extend(partitions.iter().copied());
+            }
+            (Op::Poll { consumer, reads }, Outcome::Ok) => {
+                let Some(waiting) = awaiting.get_mut(consumer.as_str()) else { continue };
+                for r in reads {
+                    let Some(t) = waiting.remove(&r.partition) else { continue };
+                    let bound = bounds
+                        .get(&(t.group, r.partition))
+                        .and_then(|b| b.iter().filter(|(pos, ..)| *pos < o.end).max_by_key(|(_, off, _)| *off));
+                    // No commit known: the group had no position, and where a member then starts
+                    // (earliest or latest) is the client's configuration, not in the history.
+                    if let Some(&(_, committed, committed_index)) = bound {
+                        if r.offset > committed {
+                            anomalies.push(
+                                TAKEOVER_SKIP,
+                                json!({"consumer": consumer, "group": t.group, "partition": r.partition,
+                                       "assign": t.assign, "index": o.index(),
+                                       "first_read": {"offset": r.offset, "value": r.value},
+                                       "committed": {"offset": committed, "index": committed_index}}),
+                            );
+                        }
+                    }
+                }
+            }
+            (Op::Poll { consumer, .. }, Outcome::Info) => {
+                // Its first reads may be in a poll nobody recorded.
+                awaiting.remove(consumer.as_str());
+            }
+            _ => {}
+        }
+    }
+}
