@@ -571,6 +571,68 @@ fn a_kept_partition_continues_from_the_members_own_position() {
     assert_valid(&h.check());
 }
 
+// ---------------------------------------------------------------- rebalances recorded late
+
+// A group member learns of assignment changes during a poll; the harness records them after the
+// poll. The poll before the `assign` entries may already hold the new ownership's records.
+
+#[test]
+fn a_restart_in_the_poll_before_the_assign_entries_is_excused() {
+    let mut h = H::default();
+    four_sends(&mut h);
+    h.assign(10, "m", Some("g"), &[0]);
+    h.poll(10, "m", &[(0, 0, 100), (0, 1, 101), (0, 2, 102)]);
+    h.commit(10, "m", "g", &[(0, 1)]);
+    // Lost and given back during this poll: the partition restarts at the committed offset.
+    h.poll(10, "m", &[(0, 1, 101), (0, 2, 102)]);
+    h.assign(10, "m", Some("g"), &[]);
+    h.assign(10, "m", Some("g"), &[0]);
+    h.poll(10, "m", &[(0, 3, 103)]);
+    assert_valid(&h.check());
+}
+
+#[test]
+fn a_discontinuity_before_an_assignment_that_changes_nothing_is_reported() {
+    let mut h = H::default();
+    four_sends(&mut h);
+    h.assign(10, "c", None, &[0]);
+    h.poll(10, "c", &[(0, 0, 100), (0, 1, 101)]);
+    let skipping = h.poll(10, "c", &[(0, 3, 103)]);
+    h.assign(10, "c", None, &[0]);
+    h.poll(10, "c", &[(0, 0, 100)]);
+    let r = h.check();
+    assert_only(&r, &["poll-skip"]);
+    assert_eq!(cases(&r, "poll-skip")[0]["next"]["index"], json!(skipping));
+}
+
+#[test]
+fn a_new_owners_first_records_may_precede_its_assign_entry() {
+    let mut h = H::default();
+    four_sends(&mut h);
+    h.commit(10, "m1", "g", &[(0, 2)]);
+    h.assign(20, "m2", Some("g"), &[]);
+    h.poll(20, "m2", &[(0, 2, 102)]);
+    h.assign(20, "m2", Some("g"), &[0]);
+    h.poll(20, "m2", &[(0, 3, 103)]);
+    assert_valid(&h.check());
+}
+
+#[test]
+fn takeover_skip_is_found_across_a_late_assign_entry() {
+    let mut h = H::default();
+    four_sends(&mut h);
+    let commit = h.commit(10, "m1", "g", &[(0, 2)]);
+    h.assign(20, "m2", Some("g"), &[]);
+    let first = h.poll(20, "m2", &[(0, 3, 103)]);
+    h.assign(20, "m2", Some("g"), &[0]);
+    h.poll(20, "m2", &[]);
+    let r = h.check();
+    assert_only(&r, &["takeover-skip"]);
+    let c = &cases(&r, "takeover-skip")[0];
+    assert_eq!((c["index"].clone(), c["first_read"]["offset"].clone()), (json!(first), json!(3)));
+    assert_eq!(c["committed"], json!({"offset": 2, "index": commit}));
+}
+
 // ---------------------------------------------------------------- divergence
 
 #[test]

@@ -132,63 +132,145 @@ fn start_bounds<'h>(ops: &[Operation<'h>]) -> HashMap<Key<'h>, Vec<(usize, u64, 
     bounds
 }
 
-/// A partition newly given to a member, not read by it yet.
+/// The lowest record a member read from a partition in one poll.
+#[derive(Clone, Copy)]
+struct Lowest {
+    offset: u64,
+    value: u64,
+    index: u64,
+    /// Position of the poll's completion.
+    end: usize,
+}
+
+impl Lowest {
+    fn min(a: Option<Lowest>, b: Option<Lowest>) -> Option<Lowest> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if b.offset < a.offset { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// A partition newly given to a member, whose first read is not judged yet.
 struct Takeover<'h> {
     group: &'h str,
     assign: u64,
+    /// The lowest read of it in the poll just before the assignment was recorded (see below).
+    before: Option<Lowest>,
 }
 
+/// What the walk knows of one member.
+#[derive(Default)]
+struct Member<'h> {
+    /// The partitions it owns (or may own, after an indeterminate assignment).
+    owned: BTreeSet<u32>,
+    /// Partition -> the lowest record its latest poll returned.
+    last_poll: BTreeMap<u32, Lowest>,
+    /// While `assign` entries follow the latest poll: that poll's lowest records.
+    batch: Option<BTreeMap<u32, Lowest>>,
+    awaiting: BTreeMap<u32, Takeover<'h>>,
+}
+
+/// The first read of a partition taken over must be at or below the group's committed offset.
+///
+/// Assignment changes reach a member during a poll and are recorded only after it (see
+/// `polls`), so the new owner's first records may be in the poll just before its `assign`
+/// entry. The first read is therefore taken as the lowest of that poll's and the next poll's
+/// records of the partition: never above the real first read, so never a false alarm.
 fn takeovers(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
     let bounds = start_bounds(ops);
-    // consumer -> partitions it owns (or may own, after an indeterminate assignment).
-    let mut owned: HashMap<&str, BTreeSet<u32>> = HashMap::new();
-    // consumer -> partition -> the takeover awaiting its first read.
-    let mut awaiting: HashMap<&str, BTreeMap<u32, Takeover<'_>>> = HashMap::new();
+    let judge =
+        |anomalies: &mut Anomalies, consumer: &str, partition: u32, t: &Takeover<'_>, first: Lowest, at: usize| {
+            let bound = bounds
+                .get(&(t.group, partition))
+                .and_then(|b| b.iter().filter(|(pos, ..)| *pos < at).max_by_key(|(_, off, _)| *off));
+            // No commit known: the group had no position, and where a member then starts (earliest
+            // or latest) is the client's configuration, not in the history.
+            if let Some(&(_, committed, committed_index)) = bound {
+                if first.offset > committed {
+                    anomalies.push(
+                        TAKEOVER_SKIP,
+                        json!({"consumer": consumer, "group": t.group, "partition": partition,
+                           "assign": t.assign, "index": first.index,
+                           "first_read": {"offset": first.offset, "value": first.value},
+                           "committed": {"offset": committed, "index": committed_index}}),
+                    );
+                }
+            }
+        };
+    let mut members: HashMap<&str, Member<'_>> = HashMap::new();
     for o in ops {
         match (o.op, o.outcome) {
-            (Op::Assign { consumer, group, partitions, .. }, Outcome::Ok) => {
-                let mine = owned.entry(consumer.as_str()).or_default();
-                let waiting = awaiting.entry(consumer.as_str()).or_default();
-                waiting.retain(|p, _| partitions.contains(p));
-                if let Some(group) = group {
-                    // Only a partition the member did not own resumes from the committed offset;
-                    // a kept one continues from the member's own position, ahead of its commits.
-                    for p in partitions.iter().filter(|p| !mine.contains(p)) {
-                        waiting.insert(*p, Takeover { group: group.as_str(), assign: o.index() });
-                    }
+            (Op::Assign { .. }, Outcome::Fail) => {}
+            (Op::Assign { consumer, group, partitions, .. }, outcome) => {
+                let m = members.entry(consumer.as_str()).or_default();
+                if m.batch.is_none() {
+                    m.batch = Some(std::mem::take(&mut m.last_poll));
                 }
-                *mine = partitions.iter().copied().collect();
-            }
-            (Op::Assign { consumer, partitions, .. }, Outcome::Info) => {
-                owned.entry(consumer.as_str()).or_default().extend(partitions.iter().copied());
-            }
-            (Op::Poll { consumer, reads }, Outcome::Ok) => {
-                let Some(waiting) = awaiting.get_mut(consumer.as_str()) else { continue };
-                for r in reads {
-                    let Some(t) = waiting.remove(&r.partition) else { continue };
-                    let bound = bounds
-                        .get(&(t.group, r.partition))
-                        .and_then(|b| b.iter().filter(|(pos, ..)| *pos < o.end).max_by_key(|(_, off, _)| *off));
-                    // No commit known: the group had no position, and where a member then starts
-                    // (earliest or latest) is the client's configuration, not in the history.
-                    if let Some(&(_, committed, committed_index)) = bound {
-                        if r.offset > committed {
-                            anomalies.push(
-                                TAKEOVER_SKIP,
-                                json!({"consumer": consumer, "group": t.group, "partition": r.partition,
-                                       "assign": t.assign, "index": o.index(),
-                                       "first_read": {"offset": r.offset, "value": r.value},
-                                       "committed": {"offset": committed, "index": committed_index}}),
-                            );
+                let before = m.batch.clone().unwrap_or_default();
+                if outcome != Outcome::Ok {
+                    m.owned.extend(partitions.iter().copied());
+                    continue;
+                }
+                // Taken away before any later read: judge on the poll before, if it had one.
+                let gone: Vec<u32> = m.awaiting.keys().filter(|p| !partitions.contains(p)).copied().collect();
+                for p in gone {
+                    if let Some(t) = m.awaiting.remove(&p) {
+                        if let Some(first) = t.before {
+                            judge(anomalies, consumer, p, &t, first, first.end);
                         }
                     }
                 }
+                if let Some(group) = group {
+                    // Only a partition the member did not own resumes from the committed offset;
+                    // a kept one continues from the member's own position, ahead of its commits.
+                    for p in partitions.iter().filter(|p| !m.owned.contains(p)) {
+                        let before = before.get(p).copied();
+                        m.awaiting.insert(*p, Takeover { group: group.as_str(), assign: o.index(), before });
+                    }
+                }
+                m.owned = partitions.iter().copied().collect();
             }
-            (Op::Poll { consumer, .. }, Outcome::Info) => {
-                // Its first reads may be in a poll nobody recorded.
-                awaiting.remove(consumer.as_str());
+            (Op::Poll { consumer, reads }, outcome) => {
+                let m = members.entry(consumer.as_str()).or_default();
+                m.batch = None;
+                m.last_poll.clear();
+                match outcome {
+                    Outcome::Ok => {
+                        for r in reads {
+                            let read = Lowest { offset: r.offset, value: r.value, index: o.index(), end: o.end };
+                            let lowest = Lowest::min(m.last_poll.get(&r.partition).copied(), Some(read));
+                            if let Some(lowest) = lowest {
+                                m.last_poll.insert(r.partition, lowest);
+                            }
+                        }
+                        let read: Vec<u32> =
+                            m.awaiting.keys().filter(|p| m.last_poll.contains_key(p)).copied().collect();
+                        for p in read {
+                            if let Some(t) = m.awaiting.remove(&p) {
+                                if let Some(first) = Lowest::min(t.before, m.last_poll.get(&p).copied()) {
+                                    judge(anomalies, consumer, p, &t, first, o.end);
+                                }
+                            }
+                        }
+                    }
+                    // Its first reads may be in a poll nobody recorded.
+                    Outcome::Info => m.awaiting.clear(),
+                    Outcome::Fail => {}
+                }
             }
             _ => {}
+        }
+    }
+    // Never read again after the assignment: judge on the poll before it, where there was one.
+    let mut names: Vec<&str> = members.keys().copied().collect();
+    names.sort_unstable();
+    for name in names {
+        let Some(m) = members.get_mut(name) else { continue };
+        for (p, t) in std::mem::take(&mut m.awaiting) {
+            if let Some(first) = t.before {
+                judge(anomalies, name, p, &t, first, first.end);
+            }
         }
     }
 }
