@@ -298,6 +298,53 @@ fn an_indeterminate_poll_forgets_the_consumer_position() {
     assert_valid(&h.check());
 }
 
+/// Producers, a direct reader, a committing group member and a fetcher, over many rounds: the
+/// checker must stay quiet, and fast enough for a real run's history.
+#[test]
+fn a_long_clean_history_is_valid() {
+    let mut h = H::default();
+    let mut logs: Vec<Vec<u64>> = vec![Vec::new(); 4];
+    let (mut reader_at, mut member_at) = (vec![0usize; 4], vec![0usize; 4]);
+    let mut value = 0;
+    h.assign(100, "reader", None, &[0, 1, 2, 3]);
+    h.assign(200, "member", Some("g"), &[0, 1, 2, 3]);
+    let unread = |logs: &[Vec<u64>], at: &mut [usize]| {
+        let mut reads = Vec::new();
+        for (p, log) in logs.iter().enumerate() {
+            reads.extend((at[p]..log.len()).map(|o| (p as u32, o as u64, log[o])));
+            at[p] = log.len();
+        }
+        reads
+    };
+    for round in 0..3_000u64 {
+        for process in 0..3u64 {
+            let p = ((round * 3 + process) % 4) as usize;
+            value += 1;
+            h.send(process, p as u32, value, logs[p].len() as u64);
+            logs[p].push(value);
+        }
+        let reads = unread(&logs, &mut reader_at);
+        h.poll(100, "reader", &reads);
+        if round % 3 == 0 {
+            let reads = unread(&logs, &mut member_at);
+            h.poll(200, "member", &reads);
+            let offsets: Vec<(u32, u64)> = member_at.iter().enumerate().map(|(p, o)| (p as u32, *o as u64)).collect();
+            h.commit(200, "member", "g", &offsets);
+            h.fetch(300, "g", &offsets);
+        }
+    }
+    for node in ["n1", "n2", "n3"] {
+        for (p, log) in logs.iter().enumerate() {
+            h.final_read(400, node, p as u32, log);
+        }
+    }
+    let started = std::time::Instant::now();
+    let r = h.check();
+    assert_valid(&r);
+    assert_eq!(r.stats.sends_ok, 9_000);
+    eprintln!("checked {} entries in {:?}", r.stats.entries, started.elapsed());
+}
+
 // ---------------------------------------------------------------- sends
 
 #[test]
