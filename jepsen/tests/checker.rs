@@ -680,6 +680,25 @@ fn takeover_skip_is_found_across_a_late_assign_entry() {
     assert_eq!(c["committed"], json!({"offset": 2, "index": commit}));
 }
 
+#[test]
+fn a_member_given_back_a_partition_resumes_at_its_own_position() {
+    // Its revocation commit failed, the partition came back before it left: it goes on from its
+    // own position, above the group's committed offset, having read everything in between.
+    let mut h = H::default();
+    four_sends(&mut h);
+    h.assign(10, "m", Some("g"), &[0]);
+    h.poll(10, "m", &[(0, 0, 100)]);
+    h.commit(10, "m", "g", &[(0, 1)]);
+    h.poll(10, "m", &[(0, 1, 101), (0, 2, 102)]);
+    h.poll(10, "m", &[]);
+    h.invoke(10, commit("m", "g", &[(0, 3)]));
+    h.push(10, OpType::Fail, commit("m", "g", &[(0, 3)]));
+    h.assign(10, "m", Some("g"), &[]);
+    h.assign(10, "m", Some("g"), &[0]);
+    h.poll(10, "m", &[(0, 3, 103)]);
+    assert_valid(&h.check());
+}
+
 // ---------------------------------------------------------------- divergence
 
 #[test]

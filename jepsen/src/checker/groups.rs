@@ -157,6 +157,9 @@ struct Takeover<'h> {
     assign: u64,
     /// The lowest read of it in the poll just before the assignment was recorded (see below).
     before: Option<Lowest>,
+    /// The member's own position in it from an earlier ownership (the offset after the highest it
+    /// read before that poll), where it had one.
+    own_next: Option<u64>,
 }
 
 /// What the walk knows of one member.
@@ -166,8 +169,13 @@ struct Member<'h> {
     owned: BTreeSet<u32>,
     /// Partition -> the lowest record its latest poll returned.
     last_poll: BTreeMap<u32, Lowest>,
-    /// While `assign` entries follow the latest poll: that poll's lowest records.
-    batch: Option<BTreeMap<u32, Lowest>>,
+    /// Partition -> the offset after the highest record it ever read there, before the latest
+    /// poll and after it.
+    read_to_before_last_poll: BTreeMap<u32, u64>,
+    read_to: BTreeMap<u32, u64>,
+    /// While `assign` entries follow the latest poll: that poll's lowest records, and the
+    /// member's positions before it.
+    batch: Option<(BTreeMap<u32, Lowest>, BTreeMap<u32, u64>)>,
     awaiting: BTreeMap<u32, Takeover<'h>>,
 }
 
@@ -177,6 +185,10 @@ struct Member<'h> {
 /// `polls`), so the new owner's first records may be in the poll just before its `assign`
 /// entry. The first read is therefore taken as the lowest of that poll's and the next poll's
 /// records of the partition: never above the real first read, so never a false alarm.
+///
+/// A member given back a partition it was still giving up resumes at its own position, which its
+/// failed commit may have left above the group's: nothing is skipped, since it read the records
+/// in between itself. So its own earlier position is allowed too.
 fn takeovers(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
     let bounds = start_bounds(ops);
     let judge =
@@ -187,13 +199,14 @@ fn takeovers(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
             // No commit known: the group had no position, and where a member then starts (earliest
             // or latest) is the client's configuration, not in the history.
             if let Some(&(_, committed, committed_index)) = bound {
-                if first.offset > committed {
+                if first.offset > committed && t.own_next.is_none_or(|own| first.offset > own) {
                     anomalies.push(
                         TAKEOVER_SKIP,
                         json!({"consumer": consumer, "group": t.group, "partition": partition,
                            "assign": t.assign, "index": first.index,
                            "first_read": {"offset": first.offset, "value": first.value},
-                           "committed": {"offset": committed, "index": committed_index}}),
+                           "committed": {"offset": committed, "index": committed_index},
+                           "own_position": t.own_next}),
                     );
                 }
             }
@@ -205,9 +218,9 @@ fn takeovers(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
             (Op::Assign { consumer, group, partitions, .. }, outcome) => {
                 let m = members.entry(consumer.as_str()).or_default();
                 if m.batch.is_none() {
-                    m.batch = Some(std::mem::take(&mut m.last_poll));
+                    m.batch = Some((std::mem::take(&mut m.last_poll), m.read_to_before_last_poll.clone()));
                 }
-                let before = m.batch.clone().unwrap_or_default();
+                let (before, own) = m.batch.clone().unwrap_or_default();
                 if outcome != Outcome::Ok {
                     m.owned.extend(partitions.iter().copied());
                     continue;
@@ -225,8 +238,13 @@ fn takeovers(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
                     // Only a partition the member did not own resumes from the committed offset;
                     // a kept one continues from the member's own position, ahead of its commits.
                     for p in partitions.iter().filter(|p| !m.owned.contains(p)) {
-                        let before = before.get(p).copied();
-                        m.awaiting.insert(*p, Takeover { group: group.as_str(), assign: o.index(), before });
+                        let t = Takeover {
+                            group: group.as_str(),
+                            assign: o.index(),
+                            before: before.get(p).copied(),
+                            own_next: own.get(p).copied(),
+                        };
+                        m.awaiting.insert(*p, t);
                     }
                 }
                 m.owned = partitions.iter().copied().collect();
@@ -235,9 +253,12 @@ fn takeovers(ops: &[Operation<'_>], anomalies: &mut Anomalies) {
                 let m = members.entry(consumer.as_str()).or_default();
                 m.batch = None;
                 m.last_poll.clear();
+                m.read_to_before_last_poll.clone_from(&m.read_to);
                 match outcome {
                     Outcome::Ok => {
                         for r in reads {
+                            let to = m.read_to.entry(r.partition).or_default();
+                            *to = (*to).max(r.offset + 1);
                             let read = Lowest { offset: r.offset, value: r.value, index: o.index(), end: o.end };
                             let lowest = Lowest::min(m.last_poll.get(&r.partition).copied(), Some(read));
                             if let Some(lowest) = lowest {
