@@ -5,6 +5,27 @@
 //! partition from everything observed (`version_order`), then runs one family of checks per
 //! module over them. It never panics on a bad history: what it cannot use is reported as
 //! `malformed-history`, and the rest is still checked.
+//!
+//! The anomalies (keys of [`Report::anomalies`]); each case names the entries (`index`) involved:
+//!
+//! | name | what was observed |
+//! |---|---|
+//! | `inconsistent-offsets` | two values at one (partition, offset), by acks, polls or final reads |
+//! | `duplicate` | one value at two (partition, offset)s |
+//! | `lost-write` | an ok send missing from some node's final read of its partition; or, with no final read of it, never read although a read reached its offset |
+//! | `unseen` | an ok send never read, with nothing proving it lost |
+//! | `g1a` | a read of a failed send's value |
+//! | `nonmonotonic-send` | one process's ok sends to a partition got non-increasing offsets |
+//! | `poll-skip` / `nonmonotonic-poll` | a consumer's next read of a partition was not the offset after its last (since its last assignment); a final read not 0, 1, 2, ... |
+//! | `commit-backwards` | a read of committed offsets shows less than an earlier read did, or than an earlier ok commit after which a lower commit was accepted |
+//! | `commit-not-visible` | a read of committed offsets started after an ok commit shows less than it, or lacks its partition |
+//! | `takeover-skip` | a member's first read of a partition it newly got is above every committed offset it could have started from |
+//! | `divergence` | two nodes' final reads of a partition differ (a value, or the length) |
+//! | `malformed-history` | the history breaks its own rules (pairing, indices, unique values, an ok send without offset, a read of a value never sent) |
+//!
+//! Indeterminate operations (`info`, or never completed) may or may not have happened: their
+//! values may appear or not, and a commit in flight may have set the offset a new owner starts
+//! from. Real-time order is order in the history.
 
 mod divergence;
 mod groups;
