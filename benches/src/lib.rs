@@ -213,6 +213,25 @@ pub fn fmt_num(v: Option<f64>) -> String {
     }
 }
 
+/// CPU time (utime + stime, all threads) of process `pid` so far, in clock ticks ([`USER_HZ`]).
+/// Reaped children's time is not included: server processes are measured while they run.
+pub fn process_ticks(pid: u32) -> io::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rfind(')').map(|i| &stat[i + 1..]).ok_or_else(|| bad("/proc/PID/stat has no ')'"))?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| bad("/proc/PID/stat"));
+    Ok(field(11)? + field(12)?)
+}
+
+/// A `kB` line of /proc/PID/status, e.g. `VmHWM` (peak resident set) or `VmRSS`.
+pub fn status_kb(pid: u32, key: &str) -> io::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| bad("no such line in /proc/PID/status"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
