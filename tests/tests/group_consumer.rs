@@ -364,6 +364,57 @@ async fn t15_without_auto_commit_a_commit_on_revoked_hands_over_exactly() -> any
     Ok(())
 }
 
+/// Regression (found by jepsen/, see docs/jepsen.md): records were delivered, then their partition
+/// was given up before the application committed (here: revoked, and not committed within the
+/// revoke timeout; in the Jepsen run: lost after a session timeout without a heartbeat answer).
+/// `commit()` then had nothing left to commit for it and answered Ok, so the application believed
+/// positions committed that the group never had. It must fail with ILLEGAL_GENERATION, commit
+/// what the member still owns, and leave the given-up partition's offset where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t16_a_commit_after_delivered_records_were_given_up_uncommitted_fails() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    client.create_topic("t", 2).await?;
+    produce(&client, "t", 0, 10).await?;
+    produce(&client, "t", 1, 10).await?;
+    let cfg = || {
+        let mut cfg = config("gave-up", "t", Duration::from_secs(4), None);
+        cfg.revoke_timeout = Duration::from_millis(300);
+        cfg
+    };
+    let mut a = GroupConsumer::subscribe(client.clone(), cfg()).await?;
+    let mut delivered = 0;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while delivered < 20 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "a got {delivered} of 20 records");
+        delivered += a.poll(Duration::from_millis(200)).await?.len();
+    }
+    // b joins: a is asked to give one partition up and does not commit in time, so it lets it go
+    // with 10 delivered records uncommitted; b gets it only then.
+    let b = GroupConsumer::subscribe(client.clone(), cfg()).await?;
+    wait::until("b to own one partition", SETTLE, || async { (b.assignment().len() == 1).then_some(()) }).await?;
+    let kept = a.assignment();
+    assert_eq!(kept.len(), 1, "a keeps one partition");
+    let err = match a.commit().await {
+        Err(e) => e,
+        Ok(()) => anyhow::bail!("commit() said Ok, but the given-up partition's 10 records were never committed"),
+    };
+    assert_eq!(err.code(), Some(busbar_client::codes::ILLEGAL_GENERATION), "{err}");
+    // What a still owns was committed; the partition it gave up was not.
+    let desc = client.describe_group("gave-up").await?;
+    let committed: BTreeMap<u32, u64> =
+        desc.partitions.iter().filter(|p| p.has_committed).map(|p| (p.partition, p.committed)).collect();
+    assert_eq!(committed.get(&kept[0].partition), Some(&10), "{committed:?}");
+    let gone = 1 - kept[0].partition;
+    assert!(committed.get(&gone).is_none_or(|o| *o == 0), "{committed:?}");
+    // The error is reported once: the next commit, with nothing dropped since, is Ok.
+    a.commit().await?;
+    drop(b);
+    drop(a);
+    c.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t20_a_member_that_dies_without_leaving_is_replaced_and_nothing_is_skipped() -> anyhow::Result<()> {
     let c = InProcessCluster::start(3).await?;

@@ -181,8 +181,17 @@ struct PartPos {
     consumed: u64,
     /// What the group has committed for it, as far as this consumer knows.
     committed: Option<u64>,
+    /// Where delivery started in this assignment (the committed offset, or the `StartFrom` choice).
+    start: u64,
     /// Records are still delivered; false while it is being given up.
     live: bool,
+}
+
+impl PartPos {
+    /// Records were handed to the application and their position is not committed.
+    fn delivered_uncommitted(&self) -> bool {
+        self.delivered != self.committed.unwrap_or(self.start)
+    }
 }
 
 /// State the application side and the background task share.
@@ -195,6 +204,9 @@ struct Shared {
     member: Mutex<(String, u64)>,
     /// The application took the event receiver: a full queue then deserves a warning.
     events_taken: AtomicBool,
+    /// Partitions were given up (lost, or revoked without a commit in time) with records delivered
+    /// and not committed: the application's next commit must not say everything was committed.
+    dropped_uncommitted: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -400,7 +412,10 @@ impl GroupConsumer {
     /// Commits the position after every record delivered so far, in every partition this
     /// consumer owns or is giving up. Returns once the commit is replicated. Fails with
     /// UNKNOWN_MEMBER_ID (25) when this member had been removed from the group (its partitions
-    /// were [`Lost`](GroupEvent::Lost); it rejoins by itself).
+    /// were [`Lost`](GroupEvent::Lost); it rejoins by itself), and with ILLEGAL_GENERATION (22)
+    /// when records delivered since the last commit belonged to partitions this consumer gave up
+    /// before they were committed (lost, or revoked and not committed within `revoke_timeout`):
+    /// what it still owns is committed, but those records will be delivered again elsewhere.
     pub async fn commit(&self) -> Result<(), ClientError> {
         self.shared.mark_consumed();
         let (tx, rx) = oneshot::channel();
@@ -926,7 +941,9 @@ impl Task {
         {
             let mut parts = lock(&self.shared.parts);
             for tp in &self.revoking {
-                parts.remove(tp);
+                if parts.remove(tp).is_some_and(|p| p.delivered_uncommitted()) {
+                    self.shared.dropped_uncommitted.store(true, Ordering::SeqCst);
+                }
             }
         }
         self.revoking.clear();
@@ -940,6 +957,9 @@ impl Task {
     fn lose_all(&mut self) {
         let mut lost: Vec<TopicPartition> = {
             let mut parts = lock(&self.shared.parts);
+            if parts.values().any(PartPos::delivered_uncommitted) {
+                self.shared.dropped_uncommitted.store(true, Ordering::SeqCst);
+            }
             parts.drain().map(|(tp, _)| tp).collect()
         };
         lost.sort();
@@ -1025,7 +1045,7 @@ impl Task {
             // the group keeps where it started even if this member stops before consuming.
             lock(&self.shared.parts).insert(
                 tp.clone(),
-                PartPos { epoch: 0, delivered: position, consumed: position, committed, live: true },
+                PartPos { epoch: 0, delivered: position, consumed: position, committed, start: position, live: true },
             );
             self.spawn_fetcher(tp.clone(), position);
             started.push(tp);
@@ -1198,6 +1218,19 @@ impl Task {
                         if r.is_ok() && !self.revoking.is_empty() {
                             self.finish_revocation();
                         }
+                        // Records it was given before are not all committed: their partitions
+                        // went (lost, or a revocation not committed in time) before this commit.
+                        let dropped = self.shared.dropped_uncommitted.swap(false, Ordering::SeqCst);
+                        let r = match r {
+                            Ok(()) if dropped => Err(ClientError::Api {
+                                code: codes::ILLEGAL_GENERATION,
+                                message: "some records delivered since the last commit were not committed: their \
+                                          partitions were lost or revoked first (they go to the next owner again)"
+                                    .into(),
+                                leader_addr: None,
+                            }),
+                            r => r,
+                        };
                         let _ = reply.send(r);
                     }
                     Some(Cmd::Close { commit, reply }) => {
