@@ -173,6 +173,8 @@ impl Cluster {
             "BUSBAR_LISTEN=0.0.0.0:9501".to_string(),
             "BUSBAR_HTTP=0.0.0.0:9601".to_string(),
             "BUSBAR_DATA_DIR=/data".to_string(),
+            // Plain text logs (no colour codes) in `docker logs` and the results.
+            "NO_COLOR=1".to_string(),
             "BUSBAR_HEARTBEAT_MS=200".to_string(),
             "BUSBAR_ELECTION_TIMEOUT_MIN_MS=1000".to_string(),
             "BUSBAR_ELECTION_TIMEOUT_MAX_MS=2000".to_string(),
@@ -300,7 +302,7 @@ pub async fn log_tail(node: &Node, lines: usize) -> String {
         Ok(Ok(out)) => {
             let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
             s.push_str(&String::from_utf8_lossy(&out.stderr));
-            s
+            strip_ansi(&s)
         }
         _ => String::new(),
     }
@@ -347,4 +349,22 @@ pub async fn preflight(image: &str) -> anyhow::Result<()> {
             .with_context(|| format!("{tool} not found (bash scripts/setup.sh installs it)"))?;
     }
     Ok(())
+}
+
+/// Removes terminal colour sequences (ESC [ ... letter).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -153,6 +153,7 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         results.display()
     );
     cluster::preflight(&args.image).await?;
+    init_client_log(&results.join("client.log"))?;
 
     let run_id = format!("bbj{}-{}", std::process::id(), seed % 100_000);
     let settings = NodeSettings {
@@ -178,6 +179,20 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let valid = outcome?;
     println!("results: {}", results.display());
     Ok(valid)
+}
+
+/// The client library's own log (rebalances, retries, redirects) goes to `client.log`: what a
+/// history entry does not say about why an operation ended as it did. `JEPSEN_LOG` overrides the
+/// filter (default: the client at debug, everything else at warn).
+fn init_client_log(path: &std::path::Path) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let filter = std::env::var("JEPSEN_LOG").unwrap_or_else(|_| "warn,busbar_client=debug".to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("client log: {e}"))
 }
 
 /// Waits until the cluster has a leader and `n` voters.

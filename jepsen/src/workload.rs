@@ -93,8 +93,11 @@ fn write_failed_definitely(e: &ClientError) -> bool {
     }
 }
 
+/// Did a commit definitely not happen? ILLEGAL_GENERATION and UNKNOWN_MEMBER_ID do not say so:
+/// the client retries a fenced commit with what the member still owns, and a retried request may
+/// have been applied before the group moved on.
 fn commit_failed_definitely(e: &ClientError) -> bool {
-    matches!(e.code(), Some(codes::ILLEGAL_GENERATION | codes::UNKNOWN_MEMBER_ID | codes::INVALID_GROUP_ID))
+    matches!(e.code(), Some(codes::INVALID_GROUP_ID))
 }
 
 fn err_text(e: &ClientError) -> String {
