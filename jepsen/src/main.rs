@@ -273,13 +273,13 @@ async fn test(
     };
 
     let deadline = Instant::now() + Duration::from_secs(args.time_limit);
-    let mut runner = NemesisRunner {
+    let mut runner = NemesisRunner::new(
         cluster,
-        rec: rec.clone(),
-        brokers: brokers.clone(),
-        rng: rng.fork(),
-        schedule: Schedule { healthy: (4, 10), fault: (5, 15) },
-    };
+        rec.clone(),
+        brokers.clone(),
+        rng.fork(),
+        Schedule { healthy: (4, 10), fault: (5, 15) },
+    );
     runner.run(nemeses, deadline).await;
 
     // The final phase: heal, let the clients see a healthy cluster for a moment, stop them.

@@ -89,13 +89,19 @@ pub struct NemesisRunner<'a> {
     pub brokers: Brokers,
     pub rng: Rng,
     pub schedule: Schedule,
+    /// Set for one fault: replace one of its targets (`member`) while the fault holds.
+    combine: bool,
 }
 
 fn names(nodes: &[Node]) -> Vec<String> {
     nodes.iter().map(Node::name).collect()
 }
 
-impl NemesisRunner<'_> {
+impl<'a> NemesisRunner<'a> {
+    pub fn new(cluster: &'a mut Cluster, rec: Arc<Recorder>, brokers: Brokers, rng: Rng, schedule: Schedule) -> Self {
+        Self { cluster, rec, brokers, rng, schedule, combine: false }
+    }
+
     /// Runs faults from `enabled` until `deadline`; every fault is healed before this returns.
     pub async fn run(&mut self, enabled: &[Nemesis], deadline: Instant) {
         if enabled.is_empty() {
@@ -110,6 +116,12 @@ impl NemesisRunner<'_> {
             }
             tokio::time::sleep(healthy).await;
             let n = enabled[self.rng.below(enabled.len())];
+            // With `member` selected too, a kill, pause or partition sometimes has one of its
+            // targets removed and replaced while it holds (membership changes during faults, as
+            // Redpanda's and NATS's data loss needed).
+            self.combine = enabled.contains(&Nemesis::Member)
+                && matches!(n, Nemesis::Kill | Nemesis::Pause | Nemesis::Partition)
+                && self.rng.chance(40);
             let hold = Duration::from_secs(self.rng.range(self.schedule.fault.0, self.schedule.fault.1));
             let hold = hold.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_secs(1));
             if let Err(e) = self.one(n, hold).await {
@@ -166,8 +178,8 @@ impl NemesisRunner<'_> {
                 result = Err(e);
             }
         }
-        tokio::time::sleep(hold).await;
-        for n in &targets {
+        self.hold(hold, targets.first()).await?;
+        for n in targets.iter().filter(|n| self.cluster.members.contains(&n.id)) {
             if let Err(e) = cluster::start(n).await {
                 result = Err(e);
             }
@@ -185,8 +197,8 @@ impl NemesisRunner<'_> {
                 result = Err(e);
             }
         }
-        tokio::time::sleep(hold).await;
-        for n in &targets {
+        self.hold(hold, targets.first()).await?;
+        for n in targets.iter().filter(|n| self.cluster.members.contains(&n.id)) {
             if let Err(e) = cluster::unpause(n).await {
                 result = Err(e);
             }
@@ -225,6 +237,7 @@ impl NemesisRunner<'_> {
         let mut members = self.cluster.member_nodes();
         self.rng.shuffle(&mut members);
         let modes = if members.len() >= 5 { 3 } else { 2 };
+        let candidate: Option<Node>;
         let (mode, detail) = match self.rng.below(modes) {
             0 => {
                 let leader = self.leader().await;
@@ -238,12 +251,14 @@ impl NemesisRunner<'_> {
                     (lead, rest)
                 };
                 self.cut(&[lead.clone(), rest.clone()]).await?;
+                candidate = lead.first().cloned();
                 ("isolate-leader", json!({ "isolated": names(&lead), "rest": names(&rest) }))
             }
             1 => {
                 let minority = members.len().saturating_sub(1) / 2;
                 let majority = members.split_off(minority.max(1));
                 self.cut(&[members.clone(), majority.clone()]).await?;
+                candidate = members.first().cloned();
                 ("split", json!({ "minority": names(&members), "majority": names(&majority) }))
             }
             _ => {
@@ -261,11 +276,12 @@ impl NemesisRunner<'_> {
                         .collect();
                     cluster::drop_from(n, &drop).await?;
                 }
+                candidate = members.first().cloned();
                 ("ring", json!({ "ring": names(&members) }))
             }
         };
         self.rec.nemesis("partition-start", json!({ "mode": mode, "detail": detail }));
-        tokio::time::sleep(hold).await;
+        self.hold(hold, candidate.as_ref()).await?;
         let r = self.heal_network().await;
         self.rec.nemesis("partition-stop", json!({ "healed": "all links" }));
         r
@@ -319,29 +335,35 @@ impl NemesisRunner<'_> {
 
     /// Removes a member (through the cluster, then its container), then adds a fresh node with a
     /// new id and an empty data dir. An id is never reused.
+    /// Holds a fault: sleeps, or (when combining) replaces `target` meanwhile.
+    async fn hold(&mut self, hold: Duration, target: Option<&Node>) -> anyhow::Result<()> {
+        match target {
+            Some(t) if self.combine => {
+                self.combine = false;
+                self.rec.nemesis("member-during-fault", json!({ "node": t.name() }));
+                self.replace(t.clone(), hold / 2).await
+            }
+            _ => {
+                tokio::time::sleep(hold).await;
+                Ok(())
+            }
+        }
+    }
+
     async fn member(&mut self, hold: Duration) -> anyhow::Result<()> {
         let members = self.cluster.member_nodes();
         if members.len() < 3 {
             bail!("only {} members; not removing one", members.len());
         }
         let victim = members[self.rng.below(members.len())].clone();
+        self.replace(victim, hold).await
+    }
+
+    /// Removes `victim` from the membership and its container, waits `hold`, adds a fresh node.
+    async fn replace(&mut self, victim: Node, hold: Duration) -> anyhow::Result<()> {
         self.rec.nemesis("member-remove-start", json!({ "node": victim.name() }));
         let via = self.cluster.member_addrs();
-        let removed = tokio::time::timeout(ADMIN_TIMEOUT, async {
-            let admin = Admin::new(Client::connect_with(via.clone(), client_options()).await?);
-            admin.remove_node(victim.id).await
-        })
-        .await;
-        let outcome = match removed {
-            Ok(Ok(())) => "ok".to_string(),
-            Ok(Err(e)) => format!("error: {e}"),
-            Err(_) => "timed out".to_string(),
-        };
-        // An error or timeout may still have removed it: ask the cluster.
-        let still_member = match membership(&via).await {
-            Some(ids) => ids.contains(&victim.id),
-            None => outcome != "ok",
-        };
+        let (outcome, still_member) = remove_member(&via, victim.id).await;
         self.rec.nemesis(
             "member-remove",
             json!({ "node": victim.name(), "outcome": outcome, "still_member": still_member }),
@@ -422,15 +444,10 @@ impl NemesisRunner<'_> {
             // The runbook's repair: remove it from the membership, start a fresh node (new id).
             let via: Vec<String> =
                 self.cluster.member_nodes().iter().filter(|n| n.id != victim.id).map(Node::addr).collect();
-            let removed = tokio::time::timeout(ADMIN_TIMEOUT, async {
-                let admin = Admin::new(Client::connect_with(via.clone(), client_options()).await?);
-                admin.remove_node(victim.id).await
-            })
-            .await;
-            let still_member = membership(&via).await.is_none_or(|ids| ids.contains(&victim.id));
+            let (outcome, still_member) = remove_member(&via, victim.id).await;
             self.rec.nemesis(
                 "disk-replace",
-                json!({ "node": victim.name(), "removed": matches!(removed, Ok(Ok(()))), "still_member": still_member }),
+                json!({ "node": victim.name(), "outcome": outcome, "still_member": still_member }),
             );
             if still_member {
                 bail!("could not remove {} after it refused to start", victim.name());
@@ -473,17 +490,58 @@ pub async fn leader_of(addrs: &[String]) -> Option<u64> {
     }
 }
 
-/// The ids in the membership, from the leader (metadata redirects to it... or any node's view).
+/// The voter ids of the membership as the leader holds it (None without a leader or an answer).
+/// Not `cluster_status`: there each node reports itself, and a removed node, which never hears of
+/// its removal, still calls itself a voter.
 pub async fn membership(addrs: &[String]) -> Option<Vec<u64>> {
     let r = tokio::time::timeout(Duration::from_secs(10), async {
         let c = Client::connect_with(addrs.to_vec(), client_options()).await?;
-        c.cluster_status().await
+        let m = c.metadata().await?;
+        if !m.has_leader || m.leader_addr.is_empty() {
+            return Ok(None);
+        }
+        let leader = Client::connect_with([m.leader_addr.clone()], client_options()).await?;
+        let lm = leader.metadata().await?;
+        // Asked the leader itself: its membership is the cluster's latest.
+        Ok::<_, busbar_client::ClientError>((lm.has_leader && lm.leader_id == m.leader_id).then_some(lm))
     })
     .await;
     match r {
-        Ok(Ok(s)) => Some(s.nodes.iter().filter(|n| n.voter).map(|n| n.id).collect()),
+        Ok(Ok(Some(m))) => Some(m.nodes.iter().filter(|n| n.voter).map(|n| n.id).collect()),
         _ => None,
     }
+}
+
+/// Removes `id` through the cluster, retrying a few times (an election may be under way), and
+/// tells whether it is still a member (the leader's view; an unknown outcome counts as a member).
+async fn remove_member(via: &[String], id: u64) -> (String, bool) {
+    let mut outcome = String::new();
+    for attempt in 0..4 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let removed = tokio::time::timeout(ADMIN_TIMEOUT, async {
+            let admin = Admin::new(Client::connect_with(via.to_vec(), client_options()).await?);
+            admin.remove_node(id).await
+        })
+        .await;
+        outcome = match removed {
+            Ok(Ok(())) => "ok".to_string(),
+            Ok(Err(e)) => format!("error: {e}"),
+            Err(_) => "timed out".to_string(),
+        };
+        // An error or a timeout may still have removed it; an ok is checked too.
+        for _ in 0..5 {
+            if let Some(ids) = membership(via).await {
+                if !ids.contains(&id) {
+                    return (outcome, false);
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    (outcome, true)
 }
 
 /// Flips bits in, or truncates, one data file of a stopped node. Returns what it did.
