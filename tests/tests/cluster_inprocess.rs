@@ -264,3 +264,33 @@ async fn t50_leader_cut_off_in_a_minority_cannot_commit_and_its_write_never_appe
     c.shutdown().await;
     Ok(())
 }
+
+/// Regression (found by jepsen/, see docs/jepsen.md): a client retried "no leader known" answers
+/// by connecting to its brokers in order again, so while its first broker was a node that knows no
+/// leader (cut off, or removed from the cluster and still running), every retry asked that node
+/// and the call failed although the rest of the cluster had a leader. Each retry must start at the
+/// next broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t55_a_client_whose_first_broker_knows_no_leader_reaches_the_others() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    c.client().await?.create_topic("q", 1).await?;
+    let leader = c.leader().await?;
+    let Some(cut_off) = c.ids().into_iter().find(|id| *id != leader) else { anyhow::bail!("no follower") };
+    let others: Vec<u64> = c.ids().into_iter().filter(|id| *id != cut_off).collect();
+    c.partitions.isolate(cut_off, others.clone());
+    wait::until("the cut-off node to know no leader", Duration::from_secs(20), || async {
+        c.metrics(cut_off).ok().filter(|m| m.current_leader.is_none()).map(|_| ())
+    })
+    .await?;
+    let brokers: Vec<String> = std::iter::once(cut_off).chain(others).map(|id| c.addr(id)).collect();
+    let client = Client::connect(brokers).await?;
+    let r = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.produce("q", 0, vec![Record::value(b"reaches-the-leader".to_vec())]),
+    )
+    .await;
+    assert!(matches!(r, Ok(Ok(_))), "the write did not reach the leader through the other brokers: {r:?}");
+    c.partitions.heal();
+    c.shutdown().await;
+    Ok(())
+}

@@ -135,8 +135,15 @@ impl Client {
 
     /// The first broker that accepts a connection.
     pub(crate) async fn channel_any(&self) -> Result<(String, Channel), ClientError> {
+        self.channel_any_from(0).await
+    }
+
+    /// The first broker that accepts a connection, trying them in order from the `start`-th
+    /// (wrapping around).
+    async fn channel_any_from(&self, start: usize) -> Result<(String, Channel), ClientError> {
         let mut last = String::new();
-        for b in &self.brokers {
+        let n = self.brokers.len();
+        for b in self.brokers.iter().cycle().skip(start % n.max(1)).take(n) {
             match self.channel_to(b).await {
                 Ok(ch) => return Ok((b.clone(), ch)),
                 Err(e) => last = e,
@@ -174,13 +181,16 @@ impl Client {
         let mut preferred: Option<String> = None;
         let mut last = ClientError::NoBroker { brokers: self.brokers.clone(), last: "no attempt made".into() };
         let mut backoff = Duration::from_millis(50);
-        for _ in 0..=self.opts.max_retries {
+        for attempt in 0..=self.opts.max_retries {
             let ch = match &preferred {
                 Some(addr) => self
                     .channel_to(addr)
                     .await
                     .map_err(|e| ClientError::NoBroker { brokers: vec![addr.clone()], last: e }),
-                None => self.channel_any().await.map(|(_, ch)| ch),
+                // Each retry starts at the next broker: the first one that accepts a connection
+                // may be a node that knows no leader (cut off, or removed from the cluster), and
+                // asking it again and again would never reach the others.
+                None => self.channel_any_from(attempt as usize).await.map(|(_, ch)| ch),
             };
             let ch = match ch {
                 Ok(ch) => ch,
