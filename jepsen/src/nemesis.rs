@@ -495,11 +495,19 @@ pub async fn leader_of(addrs: &[String]) -> Option<u64> {
 /// its removal, still calls itself a voter.
 pub async fn membership(addrs: &[String]) -> Option<Vec<u64>> {
     let r = tokio::time::timeout(Duration::from_secs(10), async {
-        let c = Client::connect_with(addrs.to_vec(), client_options()).await?;
-        let m = c.metadata().await?;
-        if !m.has_leader || m.leader_addr.is_empty() {
-            return Ok(None);
+        // Node by node: a node that knows no leader (cut off, or removed and still running)
+        // answers metadata without one.
+        let mut found = None;
+        for a in addrs {
+            let Ok(c) = Client::connect_with([a.clone()], client_options()).await else { continue };
+            if let Ok(m) = c.metadata().await {
+                if m.has_leader && !m.leader_addr.is_empty() {
+                    found = Some(m);
+                    break;
+                }
+            }
         }
+        let Some(m) = found else { return Ok(None) };
         let leader = Client::connect_with([m.leader_addr.clone()], client_options()).await?;
         let lm = leader.metadata().await?;
         // Asked the leader itself: its membership is the cluster's latest.
@@ -520,8 +528,12 @@ async fn remove_member(via: &[String], id: u64) -> (String, bool) {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
+        // A different first broker each attempt.
+        let mut via = via.to_vec();
+        let first = attempt % via.len().max(1);
+        via.rotate_left(first);
         let removed = tokio::time::timeout(ADMIN_TIMEOUT, async {
-            let admin = Admin::new(Client::connect_with(via.to_vec(), client_options()).await?);
+            let admin = Admin::new(Client::connect_with(via.clone(), client_options()).await?);
             admin.remove_node(id).await
         })
         .await;
@@ -532,7 +544,7 @@ async fn remove_member(via: &[String], id: u64) -> (String, bool) {
         };
         // An error or a timeout may still have removed it; an ok is checked too.
         for _ in 0..5 {
-            if let Some(ids) = membership(via).await {
+            if let Some(ids) = membership(&via).await {
                 if !ids.contains(&id) {
                     return (outcome, false);
                 }
