@@ -113,6 +113,57 @@ async fn t10_round_trip_keeps_every_byte() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Concurrent one-record requests share log entries (the proposer packs the writes that queue up
+/// while earlier entries commit), and every one still gets its own answer: distinct, dense offsets
+/// per partition, the right records at them, and a duplicate-free log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t15_concurrent_single_record_writes_share_entries_and_each_gets_its_offset() -> anyhow::Result<()> {
+    const WRITES: usize = 400;
+    let c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    Admin::new(client.clone()).create_topic("coalesce", 2).await?;
+    let metrics = busbar_server::metrics::proposals();
+    let (entries_before, commands_before) = metrics.totals();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..WRITES {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let partition = (i % 2) as u32;
+            let r = client.produce("coalesce", partition, vec![Record::value(format!("v{i}"))]).await;
+            (i, partition, r)
+        });
+    }
+    let mut offsets: BTreeMap<u32, BTreeMap<u64, usize>> = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, partition, r) = joined?;
+        let resp = r.map_err(|e| anyhow::anyhow!("write {i}: {e}"))?;
+        assert_eq!(resp.partition, partition, "write {i} answered for another partition");
+        let prev = offsets.entry(partition).or_default().insert(resp.base_offset, i);
+        assert!(
+            prev.is_none(),
+            "writes {prev:?} and {i} both got offset {} of partition {partition}",
+            resp.base_offset
+        );
+    }
+    let (entries_after, commands_after) = metrics.totals();
+    let (entries, commands) = (entries_after - entries_before, commands_after - commands_before);
+    assert!(commands >= WRITES as u64, "{commands} commands proposed for {WRITES} writes");
+    assert!(entries < commands, "{WRITES} concurrent writes were proposed as {entries} entries: none shared one");
+
+    for (partition, by_offset) in &offsets {
+        let want: Vec<u64> = (0..by_offset.len() as u64).collect();
+        assert_eq!(by_offset.keys().copied().collect::<Vec<_>>(), want, "offsets of partition {partition} are dense");
+        let got = consume_n(&client, "coalesce", *partition, by_offset.len()).await?;
+        for g in &got {
+            let i = by_offset[&g.offset];
+            assert_eq!(g.value, format!("v{i}").into_bytes(), "offset {} of partition {partition}", g.offset);
+        }
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t20_per_key_order_across_many_keys() -> anyhow::Result<()> {
     const KEYS: usize = 50;

@@ -54,11 +54,11 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl BusbarService {
     pub fn new(
         node: RaftNode,
+        proposer: Proposer,
         limits: Limits,
         topic_defaults: TopicConfig,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
-        let proposer = Proposer { node: node.clone(), timeout: limits.write_timeout };
         Self {
             inner: Arc::new(Inner { node, proposer, limits, next_keyless: AtomicU32::new(0), topic_defaults, stop }),
         }
@@ -405,14 +405,14 @@ impl Busbar for BusbarService {
                 // Proposed here, in arrival order, so an idempotent producer's sequences reach the
                 // log in order; the commits are awaited concurrently.
                 let proposed = match prepared {
-                    Ok((partition, cmd)) => inner.proposer.propose(cmd).await.map(|rx| (partition, rx)),
+                    Ok((partition, cmd)) => inner.proposer.propose(cmd).await.map(|p| (partition, p)),
                     Err(st) => Err(st),
                 };
                 let inner = inner.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let result = match proposed {
-                        Ok((partition, rx)) => inner.proposer.outcome(rx).await.and_then(|r| produced(partition, r)),
+                        Ok((partition, p)) => inner.proposer.outcome(p).await.and_then(|r| produced(partition, r)),
                         Err(st) => Err(st),
                     };
                     let result = match result {

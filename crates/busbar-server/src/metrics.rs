@@ -98,6 +98,31 @@ pub fn requests() -> &'static Requests {
     &REQUESTS
 }
 
+/// What the proposer packed into log entries (see `propose.rs`): commands over entries is how
+/// many writes share one entry, and so one fdatasync per node.
+pub struct Proposals {
+    entries: AtomicU64,
+    commands: AtomicU64,
+}
+
+impl Proposals {
+    pub fn observe(&self, commands: usize) {
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        self.commands.fetch_add(commands as u64, Ordering::Relaxed);
+    }
+
+    /// (entries, commands) proposed so far by this process.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.entries.load(Ordering::Relaxed), self.commands.load(Ordering::Relaxed))
+    }
+}
+
+static PROPOSALS: Proposals = Proposals { entries: AtomicU64::new(0), commands: AtomicU64::new(0) };
+
+pub fn proposals() -> &'static Proposals {
+    &PROPOSALS
+}
+
 /// Builds the exposition text, one family at a time.
 struct Out {
     text: String,
@@ -186,6 +211,16 @@ pub fn render(node: &RaftNode, data_dir: &Path) -> String {
         "Fetch requests handled by this process, by time to answer (a long poll's wait included).",
         &r.fetch.latency,
     );
+
+    let p = proposals();
+    out.family("busbar_proposed_entries_total", "counter", "Log entries this process proposed for writes.");
+    out.sample("busbar_proposed_entries_total", &[], p.entries.load(Ordering::Relaxed));
+    out.family(
+        "busbar_proposed_commands_total",
+        "counter",
+        "Writes this process proposed; several share an entry under load (commands / entries).",
+    );
+    out.sample("busbar_proposed_commands_total", &[], p.commands.load(Ordering::Relaxed));
 
     render_partitions(&mut out, node);
     render_groups(&mut out, node);

@@ -99,17 +99,25 @@ async fn start(
     };
 
     let limits = cfg.limits.clone();
-    let api = BusbarServer::new(BusbarService::new(node.clone(), limits.clone(), cfg.topic_defaults, stop_rx.clone()))
-        .max_decoding_message_size(limits.max_request_bytes)
-        .max_encoding_message_size(limits.max_fetch_bytes as usize + (1 << 20));
+    // One proposer (one batcher task) for every writer on this node, so their writes share entries.
+    let proposer = Proposer::start(node.clone(), limits.write_timeout);
+    let api = BusbarServer::new(BusbarService::new(
+        node.clone(),
+        proposer.clone(),
+        limits.clone(),
+        cfg.topic_defaults,
+        stop_rx.clone(),
+    ))
+    .max_decoding_message_size(limits.max_request_bytes)
+    .max_encoding_message_size(limits.max_fetch_bytes as usize + (1 << 20));
     tokio::spawn(crate::retention::run(
         node.clone(),
-        Proposer { node: node.clone(), timeout: limits.write_timeout },
+        proposer.clone(),
         cfg.topic_defaults,
         cfg.retention_check,
         stop_rx.clone(),
     ));
-    let groups = GroupsService::new(node.clone(), Proposer { node: node.clone(), timeout: limits.write_timeout });
+    let groups = GroupsService::new(node.clone(), proposer);
     tokio::spawn(groups.clone().run(stop_rx.clone()));
     let groups = GroupsServer::new(groups);
     let cluster =

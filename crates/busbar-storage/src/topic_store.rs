@@ -933,6 +933,20 @@ impl Work<'_> {
             Command::TruncatePrefix { topic, topic_id, partition, new_start } => {
                 self.truncate_prefix(topic, *topic_id, *partition, *new_start)?
             }
+            // Each command of the batch is applied on its own (a rejected one changes nothing and
+            // does not stop the others), exactly as if they had been consecutive entries.
+            Command::Batch(cmds) => {
+                let mut out = Vec::with_capacity(cmds.len());
+                for c in cmds {
+                    out.push(match c {
+                        Command::Batch(_) => {
+                            rejected(ErrorCode::InvalidRequest, "a batch of commands may not hold another batch".into())
+                        }
+                        c => self.apply_one(c)?,
+                    });
+                }
+                CommandResponse::Batch(out)
+            }
             Command::InitProducerId => {
                 let id = self.meta.next_producer_id;
                 self.meta.next_producer_id = id
@@ -1264,6 +1278,47 @@ mod tests {
             producer: None,
         };
         store.apply(&[Some(&cmd)], Bytes::from(vec![pos])).unwrap().remove(0)
+    }
+
+    /// A batch applies each command as if it had its own entry: a rejected one (unknown topic, a
+    /// nested batch) changes nothing and the others still apply, in order.
+    #[test]
+    fn a_batch_applies_each_command_in_order_and_answers_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let produce_cmd = |topic: &str, vals: &[&str]| Command::Produce {
+            topic: name(topic),
+            partition: 0,
+            records: vals.iter().map(|v| rec(v)).collect(),
+            producer: None,
+        };
+        let batch = Command::Batch(vec![
+            Command::CreateTopic { name: name("b"), partitions: 1, config: TopicConfig::default() },
+            produce_cmd("b", &["a", "b"]),
+            produce_cmd("missing", &["x"]),
+            Command::Batch(vec![produce_cmd("b", &["nested"])]),
+            produce_cmd("b", &["c"]),
+        ]);
+        let resp = store.apply(&[Some(&batch)], Bytes::from_static(b"1")).unwrap();
+        let [CommandResponse::Batch(answers)] = resp.as_slice() else { panic!("one batch answer, got {resp:?}") };
+        assert_eq!(answers.len(), 5, "{answers:?}");
+        assert_eq!(answers[0], CommandResponse::TopicCreated { topic_id: 0 });
+        assert_eq!(answers[1], CommandResponse::Produced { base_offset: 0, count: 2, duplicate: false });
+        assert!(
+            matches!(&answers[2], CommandResponse::Rejected { code: ErrorCode::UnknownTopicOrPartition, .. }),
+            "{:?}",
+            answers[2]
+        );
+        assert!(
+            matches!(&answers[3], CommandResponse::Rejected { code: ErrorCode::InvalidRequest, .. }),
+            "{:?}",
+            answers[3]
+        );
+        assert_eq!(answers[4], CommandResponse::Produced { base_offset: 2, count: 1, duplicate: false });
+        let r = store.read("b", 0, 0, 10, 1 << 20).unwrap();
+        let vals: Vec<_> = r.records.iter().map(|(o, r)| (*o, r.value.clone())).collect();
+        assert_eq!(vals, vec![(0, Bytes::from("a")), (1, Bytes::from("b")), (2, Bytes::from("c"))]);
+        assert_eq!(store.applied().unwrap(), Some(Bytes::from_static(b"1")));
     }
 
     #[test]

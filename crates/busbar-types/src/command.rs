@@ -93,6 +93,12 @@ pub enum Command {
     DeleteGroup {
         group: GroupName,
     },
+    /// Several commands in one log entry, applied in order as if each had its own entry; the
+    /// answer is [`CommandResponse::Batch`], one response per command. The server's proposer
+    /// packs the writes that arrive while earlier entries are being committed into one entry,
+    /// because the Raft core makes each entry durable before it takes the next. A command
+    /// inside a batch may not itself be a batch (rejected as INVALID_REQUEST).
+    Batch(Vec<Command>),
 }
 
 /// Where [`Command::ResetOffsets`] moves a group's offsets: resolved at apply time, from the
@@ -135,4 +141,6 @@ pub enum CommandResponse {
         code: ErrorCode,
         message: String,
     },
+    /// The answers to a [`Command::Batch`], in its order.
+    Batch(Vec<CommandResponse>),
 }
