@@ -469,17 +469,26 @@ async fn consumer_streams(args: &Args, topic: &str, index: usize, run_id: &str) 
             use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
             let js = nats_connect(&args.brokers, 16).await?;
             let stream = js.get_stream(topic).await.map_err(|e| anyhow!("stream {topic}: {e}"))?;
-            let consumer = stream
-                .create_consumer(pull::Config {
-                    deliver_policy: DeliverPolicy::All,
-                    // Busbar consumers acknowledge nothing either: reading is measured, not acking.
-                    ack_policy: AckPolicy::None,
-                    filter_subjects: mine.iter().map(|p| format!("{topic}.{p}")).collect(),
-                    inactive_threshold: Duration::from_secs(60),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| anyhow!("creating consumer: {e}"))?;
+            let config = pull::Config {
+                deliver_policy: DeliverPolicy::All,
+                // Busbar consumers acknowledge nothing either: reading is measured, not acking.
+                ack_policy: AckPolicy::None,
+                filter_subjects: mine.iter().map(|p| format!("{topic}.{p}")).collect(),
+                inactive_threshold: Duration::from_secs(60),
+                ..Default::default()
+            };
+            // The stream's consumer API can time out while its Raft group settles: retry, bounded.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let consumer = loop {
+                match stream.create_consumer(config.clone()).await {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("busbar-load: creating consumer: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => bail!("creating consumer: {e}"),
+                }
+            };
             let msgs = consumer
                 .stream()
                 .max_messages_per_batch(5000)
