@@ -90,6 +90,10 @@ struct RunArgs {
     /// Keep the containers and network after the run (for a look); the default removes them.
     #[arg(long)]
     keep: bool,
+    /// Keep the nodes' data dirs (results/<run>/data/) of a valid run too; by default only an
+    /// invalid or failed run keeps them.
+    #[arg(long)]
+    keep_data: bool,
 }
 
 fn main() -> ExitCode {
@@ -177,6 +181,13 @@ async fn run(args: RunArgs) -> anyhow::Result<bool> {
         cluster.destroy().await;
     }
     let valid = outcome?;
+    // The nodes' data dirs are hundreds of MB after a few minutes; they matter only for a run to
+    // investigate.
+    if valid && !args.keep_data {
+        if let Err(e) = std::fs::remove_dir_all(results.join("data")) {
+            eprintln!("removing the data dirs of a valid run: {e}");
+        }
+    }
     println!("results: {}", results.display());
     Ok(valid)
 }
