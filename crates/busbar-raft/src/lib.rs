@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod codec;
+mod entry_cache;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -7,6 +7,7 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use busbar_storage::wal::Wal;
 use bytes::Bytes;
@@ -14,17 +15,29 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
 use crate::codec;
+use crate::entry_cache::EntryCache;
 use crate::types::{Entry, LogId, StorageError, StorageIOError, TypeConfig, Vote};
 
-/// Cheap to clone: the clone handed to replication tasks as the log reader shares the WAL.
+/// Encoded bytes of the newest entries kept decoded for replication (see [`EntryCache`]).
+pub const ENTRY_CACHE_BYTES: usize = 32 << 20;
+
+/// Cheap to clone: the clone handed to replication tasks as the log reader shares the WAL and the
+/// entry cache.
 #[derive(Clone)]
 pub struct LogStore {
     wal: Wal,
+    cache: Arc<Mutex<EntryCache>>,
 }
 
 impl LogStore {
     pub fn new(wal: Wal) -> Self {
-        Self { wal }
+        Self { wal, cache: Arc::new(Mutex::new(EntryCache::new(ENTRY_CACHE_BYTES))) }
+    }
+
+    /// The cache holds no invariant a panic elsewhere could break halfway that matters: at worst it
+    /// misses entries, which are then read from the WAL.
+    fn cache(&self) -> MutexGuard<'_, EntryCache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn wal(&self) -> &Wal {
@@ -61,6 +74,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut bytes = 0usize;
         let mut at = start;
         while at < end && (out.is_empty() || bytes < MAX_REPLICATION_BYTES) {
+            // The newest entries come from the cache; what it no longer holds from the WAL.
+            let cached_to = self.cache().read_into(at, end, MAX_REPLICATION_BYTES, &mut out, &mut bytes);
+            if cached_to > at {
+                at = cached_to;
+                continue;
+            }
             // Small steps, so the cap is overshot by at most one step's entries.
             let step_end = end.min(at.saturating_add(8));
             let raw = self.wal.read_range(at, step_end).map_err(|e| StorageIOError::read_logs(&e))?;
@@ -140,13 +159,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // it is dropped rather than written: the WAL itself only accepts contiguous appends.
         let purged = self.wal.purged().map(|(i, _)| i);
         let mut encoded = Vec::new();
+        let mut decoded = Vec::new();
         for entry in entries {
             if purged.is_some_and(|p| entry.log_id.index <= p) {
                 continue;
             }
             let b =
                 codec::encode("log entry", &entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            let size = b.len();
             encoded.push((entry.log_id.index, Bytes::from(b)));
+            decoded.push((entry, size));
         }
         if encoded.is_empty() {
             callback.log_io_completed(Ok(()));
@@ -156,10 +178,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.wal
             .append(encoded, Box::new(move |res| callback.log_io_completed(res)))
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut cache = self.cache();
+        for (entry, size) in decoded {
+            cache.push(entry, size);
+        }
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Before the WAL: no reader may get a removed entry from the cache afterwards.
+        self.cache().truncate(log_id.index);
         self.wal.truncate(log_id.index).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
@@ -167,6 +195,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let meta = codec::encode("purge point", &log_id).map_err(|e| StorageIOError::write_logs(&e))?;
         self.wal.purge(log_id.index, Bytes::from(meta)).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.cache().purge(log_id.index);
         Ok(())
     }
 }
