@@ -125,13 +125,23 @@ async fn t15_concurrent_single_record_writes_share_entries_and_each_gets_its_off
     let metrics = busbar_server::metrics::proposals();
     let (entries_before, commands_before) = metrics.totals();
 
+    // All on one HTTP/2 connection to the leader, as a client with many requests in flight sends
+    // them (400 connections opened at once would test the machine's connection handling instead).
+    let leader = c.leader().await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr(leader)))?.connect().await?;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..WRITES {
-        let client = client.clone();
+        let mut api = pb::busbar_client::BusbarClient::new(channel.clone());
         tasks.spawn(async move {
             let partition = (i % 2) as u32;
-            let r = client.produce("coalesce", partition, vec![Record::value(format!("v{i}"))]).await;
-            (i, partition, r)
+            let req = pb::ProduceRequest {
+                topic: "coalesce".into(),
+                partition: Some(partition),
+                records: vec![pb::Record { value: format!("v{i}").into_bytes(), ..Default::default() }],
+                producer_id: 0,
+                sequence: 0,
+            };
+            (i, partition, api.produce(req).await.map(|r| r.into_inner()))
         });
     }
     let mut offsets: BTreeMap<u32, BTreeMap<u64, usize>> = BTreeMap::new();
@@ -315,6 +325,30 @@ async fn t30_idempotent_producer_keeps_exactly_once_across_leader_crash() -> any
         }
     }
     producer.close().await;
+    c.shutdown().await;
+    Ok(())
+}
+
+/// The client keeps one connection per broker for calls it may repeat. When a broker it already
+/// talked to stops, those calls move on to the others, and a plain (non-idempotent) write, which
+/// never uses a kept connection, is not reported INDETERMINATE because of the dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t35_a_kept_connection_to_a_stopped_broker_fails_over() -> anyhow::Result<()> {
+    let mut c = InProcessCluster::start(3).await?;
+    let leader = c.leader().await?;
+    let follower = c.ids().into_iter().find(|i| *i != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    let mut brokers = vec![c.addr(follower)];
+    brokers.extend(c.ids().into_iter().filter(|i| *i != follower).map(|i| c.addr(i)));
+    let client = Client::connect(brokers).await?;
+    Admin::new(client.clone()).create_topic("kept", 1).await?;
+    // Asks the follower first (NOT_LEADER), then the leader.
+    assert_eq!(client.produce("kept", 0, vec![Record::value("a")]).await?.base_offset, 0);
+    assert_eq!(client.list_offsets("kept").await?.len(), 1, "reads keep the follower's connection");
+    c.stop(follower).await?;
+    let r = client.produce("kept", 0, vec![Record::value("b")]).await;
+    assert_eq!(r.map_err(|e| anyhow::anyhow!("write after the stop: {e}"))?.base_offset, 1);
+    let offsets = client.list_offsets("kept").await.map_err(|e| anyhow::anyhow!("read after the stop: {e}"))?;
+    assert_eq!(offsets.first().map(|p| p.end_offset), Some(2), "{offsets:?}");
     c.shutdown().await;
     Ok(())
 }

@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use busbar_proto::v1 as pb;
@@ -83,11 +85,23 @@ impl Record {
     }
 }
 
-/// A connection to a Busbar cluster. Cheap to clone.
+/// Most broker connections one [`Client`] keeps open (its brokers and the leaders it was sent
+/// to); past it the cache starts over.
+const MAX_CACHED_CHANNELS: usize = 64;
+/// HTTP/2 ping interval on kept connections, and how long a ping may go unanswered.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A connection to a Busbar cluster. Cheap to clone; clones share their connections.
 #[derive(Clone)]
 pub struct Client {
     brokers: Vec<String>,
     pub(crate) opts: ClientOptions,
+    /// One HTTP/2 connection per broker, reused by every call that may be repeated safely
+    /// (requests multiplex on it). A call over a connection that broke since its last use fails
+    /// at the transport level even though nothing was sent; the channel is then dropped from
+    /// here and the call retried. A write that must not be repeated (`with_retry_unsent`) cannot
+    /// tell that failure from one with the request in flight, so it connects afresh instead.
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Client {
@@ -110,7 +124,7 @@ impl Client {
         if brokers.is_empty() {
             return Err(ClientError::InvalidArgument("no brokers given".into()));
         }
-        let client = Self { brokers, opts };
+        let client = Self { brokers, opts, channels: Arc::default() };
         client.channel_any().await?;
         Ok(client)
     }
@@ -121,11 +135,34 @@ impl Client {
     }
 
     pub(crate) async fn channel_to(&self, addr: &str) -> Result<Channel, String> {
+        if let Some(ch) = self.channels.lock().unwrap_or_else(PoisonError::into_inner).get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = self.connect_to(addr).await?;
+        let mut cache = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MAX_CACHED_CHANNELS {
+            cache.clear();
+        }
+        cache.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Forgets the connection to `addr` (its call failed at the transport level).
+    pub(crate) fn drop_channel(&self, addr: &str) {
+        self.channels.lock().unwrap_or_else(PoisonError::into_inner).remove(addr);
+    }
+
+    async fn connect_to(&self, addr: &str) -> Result<Channel, String> {
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("{addr}: {e}"))?
             .connect_timeout(self.opts.connect_timeout)
             .timeout(self.opts.request_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A kept connection to a broker that stopped answering (paused, cut off) is noticed
+            // within two intervals instead of at each request's timeout.
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_INTERVAL)
+            .keep_alive_while_idle(true);
         match tokio::time::timeout(self.opts.connect_timeout, ep.connect()).await {
             Ok(Ok(ch)) => Ok(ch),
             Ok(Err(e)) => Err(format!("{addr}: {e}")),
@@ -141,10 +178,16 @@ impl Client {
     /// The first broker that accepts a connection, trying them in order from the `start`-th
     /// (wrapping around).
     async fn channel_any_from(&self, start: usize) -> Result<(String, Channel), ClientError> {
+        self.any_from(start, true).await
+    }
+
+    /// [`channel_any_from`](Self::channel_any_from), on a kept connection (`kept`) or a new one.
+    async fn any_from(&self, start: usize, kept: bool) -> Result<(String, Channel), ClientError> {
         let mut last = String::new();
         let n = self.brokers.len();
         for b in self.brokers.iter().cycle().skip(start % n.max(1)).take(n) {
-            match self.channel_to(b).await {
+            let ch = if kept { self.channel_to(b).await } else { self.connect_to(b).await };
+            match ch {
                 Ok(ch) => return Ok((b.clone(), ch)),
                 Err(e) => last = e,
             }
@@ -182,17 +225,18 @@ impl Client {
         let mut last = ClientError::NoBroker { brokers: self.brokers.clone(), last: "no attempt made".into() };
         let mut backoff = Duration::from_millis(50);
         for attempt in 0..=self.opts.max_retries {
+            // Kept connections only for calls that may be repeated (see `channels`).
+            let kept = resend_after_transport_error;
             let ch = match &preferred {
-                Some(addr) => self
-                    .channel_to(addr)
-                    .await
+                Some(addr) => if kept { self.channel_to(addr).await } else { self.connect_to(addr).await }
+                    .map(|ch| (addr.clone(), ch))
                     .map_err(|e| ClientError::NoBroker { brokers: vec![addr.clone()], last: e }),
                 // Each retry starts at the next broker: the first one that accepts a connection
                 // may be a node that knows no leader (cut off, or removed from the cluster), and
                 // asking it again and again would never reach the others.
-                None => self.channel_any_from(attempt as usize).await.map(|(_, ch)| ch),
+                None => self.any_from(attempt as usize, kept).await,
             };
-            let ch = match ch {
+            let (addr, ch) = match ch {
                 Ok(ch) => ch,
                 Err(e) => {
                     preferred = None;
@@ -206,6 +250,9 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(st) => {
                     let err = ClientError::from_status(&st);
+                    if matches!(err, ClientError::NoBroker { .. }) {
+                        self.drop_channel(&addr);
+                    }
                     match &err {
                         ClientError::Api { code: codes::NOT_LEADER, leader_addr: Some(addr), .. } => {
                             preferred = Some(addr.clone());
