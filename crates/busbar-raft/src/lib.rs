@@ -10,6 +10,7 @@
 // not stored, so boxing them would only add allocations on the error path.
 #![allow(clippy::result_large_err)]
 
+pub mod apply_watchdog;
 pub mod codec;
 mod entry_cache;
 pub mod log_store;

@@ -9,6 +9,7 @@ use busbar_storage::{StoreError, TopicStore, TopicStoreOptions};
 use busbar_types::NodeId;
 use openraft::{Config, SnapshotPolicy};
 
+use crate::apply_watchdog::{ApplyWatchdog, APPLY_STALL_LIMIT};
 use crate::log_store::LogStore;
 use crate::network::{NetworkFactory, Partitions};
 use crate::state_machine::{SnapshotDir, StateMachine};
@@ -61,6 +62,8 @@ pub enum NodeError {
     Config(#[from] openraft::ConfigError),
     #[error("raft: {0}")]
     Fatal(#[from] openraft::error::Fatal<NodeId>),
+    #[error("starting the apply watchdog thread: {0}")]
+    Watchdog(std::io::Error),
 }
 
 /// A node's replication state, open and running.
@@ -85,7 +88,9 @@ impl RaftNode {
             TopicStore::open(&data_dir.join("state"), &TopicStoreOptions { cache_bytes: cfg.sled_cache_bytes })?;
         let wal = Wal::open(&data_dir.join("raft-log"), WalOptions { segment_bytes: cfg.wal_segment_bytes })?;
         let snapshots = SnapshotDir::open(&data_dir.join("snapshots"))?;
-        let sm = StateMachine::open(store.clone(), snapshots.clone())?;
+        let watchdog =
+            ApplyWatchdog::start(APPLY_STALL_LIMIT, ApplyWatchdog::abort_process()).map_err(NodeError::Watchdog)?;
+        let sm = StateMachine::open(store.clone(), snapshots.clone())?.with_watchdog(watchdog);
         let applied = sm.subscribe_applied();
         let config = Config {
             cluster_name: "busbar".into(),

@@ -22,6 +22,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::apply_watchdog::ApplyWatchdog;
 use crate::codec;
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StorageIOError, StoredMembership, TypeConfig};
 
@@ -133,13 +134,28 @@ pub struct StateMachine {
     /// Last membership applied; kept here because membership entries carry no command.
     membership: StoredMembership,
     last_applied: Option<LogId>,
+    /// Marks each apply, so a store that stops making progress fails the node (see `apply_watchdog`).
+    watchdog: Option<ApplyWatchdog>,
 }
 
 impl StateMachine {
     pub fn open(store: TopicStore, snapshots: SnapshotDir) -> Result<Self, StorageError> {
         let applied = decode_applied(store.applied().map_err(|e| StorageIOError::read_state_machine(&e))?.as_ref())?;
         let (applied_tx, _) = tokio::sync::watch::channel(applied.last_applied.map(|l| l.index).unwrap_or(0));
-        Ok(Self { store, snapshots, applied_tx, membership: applied.membership, last_applied: applied.last_applied })
+        Ok(Self {
+            store,
+            snapshots,
+            applied_tx,
+            membership: applied.membership,
+            last_applied: applied.last_applied,
+            watchdog: None,
+        })
+    }
+
+    /// Applies are watched by `watchdog` from now on.
+    pub fn with_watchdog(mut self, watchdog: ApplyWatchdog) -> Self {
+        self.watchdog = Some(watchdog);
+        self
     }
 
     /// Changes whenever entries are applied or a snapshot is installed; holds the last applied index.
@@ -221,8 +237,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let applied = AppliedState { last_applied: Some(last), membership: membership.clone() };
         let applied_bytes = codec::encode("applied state", &applied).map_err(|e| StorageIOError::apply(last, &e))?;
+        let busy = self.watchdog.as_ref().map(ApplyWatchdog::begin);
         let responses =
             self.store.apply(&commands, Bytes::from(applied_bytes)).map_err(|e| StorageIOError::apply(last, &e))?;
+        drop(busy);
         self.membership = membership;
         self.last_applied = Some(last);
         self.applied_tx.send_replace(last.index);
