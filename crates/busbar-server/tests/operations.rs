@@ -281,12 +281,26 @@ async fn metrics_carry_raft_requests_partitions_groups_and_storage() -> Res<()> 
         n.cfg.raft.logs_to_keep = 5;
         n.start().await?;
     }
-    let leader = until("a leader", Duration::from_secs(30), || async { leader_of(&nodes) }).await?;
+    // On a busy machine the first node to call itself leader can be deposed a moment later: the
+    // first write is retried until a leader takes it (TOPIC_ALREADY_EXISTS, 36: an earlier try did).
+    let (leader, addr, mut api) = until("a leader that takes a write", Duration::from_secs(30), || async {
+        let leader = leader_of(&nodes)?;
+        let addr = format!("http://{}", nodes[&leader].handle().ok()?.addr);
+        let mut api = BusbarClient::connect(addr.clone()).await.ok()?;
+        let created = api
+            .create_topic(pb::CreateTopicRequest { name: "orders".into(), partitions: 2, config: Default::default() })
+            .await;
+        let code = |st: &tonic::Status| {
+            st.metadata().get("busbar-error-code").and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        match created {
+            Ok(_) => Some((leader, addr, api)),
+            Err(st) if code(&st).as_deref() == Some("36") => Some((leader, addr, api)),
+            Err(_) => None,
+        }
+    })
+    .await?;
     let follower = *nodes.keys().find(|id| **id != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
-    let addr = format!("http://{}", nodes[&leader].handle()?.addr);
-    let mut api = BusbarClient::connect(addr.clone()).await?;
-    api.create_topic(pb::CreateTopicRequest { name: "orders".into(), partitions: 2, config: Default::default() })
-        .await?;
     for i in 0..20u32 {
         let rec = pb::Record { value: format!("v{i}").into_bytes(), ..Default::default() };
         api.produce(pb::ProduceRequest {
