@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One busbar-load run against a fresh 3-node cluster on loopback, printing acknowledged records/s and
+# the servers' CPU seconds per million acknowledged records. For A/B comparisons of two builds of the
+# binary (copy each build aside, then alternate them); benches/compare.py is the full comparison.
+#
+#   bash benches/cluster-run.sh BUSBAR_BINARY [per-request|batched] [IN_FLIGHT]
+#   DATA=/dev/shm/bb bash benches/cluster-run.sh target/release/busbar per-request 256   # on tmpfs
+#
+# Used for the proposer, entry-cache and allocator experiments in docs/benchmarks.md.
+set -euo pipefail
+bin=$(realpath "${1:?usage: cluster-run.sh BUSBAR_BINARY [api] [in-flight]}")
+api=${2:-per-request}
+inflight=${3:-256}
+load=$(cd "$(dirname "$0")/.." && pwd)/target/release/busbar-load
+[ -x "$load" ] || { echo "build busbar-load first: cargo build --release -p busbar-benches --bin busbar-load" >&2; exit 1; }
+data=${DATA:-$(mktemp -d)}
+rm -rf "$data" && mkdir -p "$data"
+peers="1=127.0.0.1:17101,2=127.0.0.1:17102,3=127.0.0.1:17103"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$data"' EXIT
+for i in 1 2 3; do
+  "$bin" server --id "$i" --listen "127.0.0.1:1710$i" --data-dir "$data/n$i" --peers "$peers" >"$data/n$i.log" 2>&1 &
+  pids+=($!)
+done
+sleep 4
+"$load" --system busbar --brokers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 \
+  --pids "$(IFS=,; echo "${pids[*]}")" --duration 8 --warmup 1 --mode throughput --api "$api" \
+  --record-size 100 --partitions 8 --producers 2 --consumers 1 --in-flight "$inflight" |
+  grep -E '^acked|server cpu'
