@@ -26,4 +26,4 @@ sleep 4
 "$load" --system busbar --brokers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 \
   --pids "$(IFS=,; echo "${pids[*]}")" --duration 8 --warmup 1 --mode throughput --api "$api" \
   --record-size 100 --partitions 8 --producers 2 --consumers 1 --in-flight "$inflight" |
-  grep -E '^acked|server cpu'
+  grep -E "${GREP:-^acked|server cpu}"
