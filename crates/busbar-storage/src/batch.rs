@@ -24,6 +24,18 @@ pub fn encode(records: &[Record]) -> Result<Vec<u8>, StoreError> {
     checked::seal_bincode("record batch", &StoredBatchRef { max_timestamp_ms, records })
 }
 
+/// As [`encode`], from records gathered from several produce commands; the same bytes as
+/// `encode` of the same records.
+pub fn encode_refs(records: &[&Record]) -> Result<Vec<u8>, StoreError> {
+    #[derive(Serialize)]
+    struct StoredBatchRefs<'a> {
+        max_timestamp_ms: i64,
+        records: &'a [&'a Record],
+    }
+    let max_timestamp_ms = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
+    checked::seal_bincode("record batch", &StoredBatchRefs { max_timestamp_ms, records })
+}
+
 /// The batch's newest timestamp and record count, checking its crc but without decoding every record.
 pub fn summary(what: &dyn Fn() -> String, value: &[u8]) -> Result<(i64, u32), StoreError> {
     let payload = checked::open(what, value)?;

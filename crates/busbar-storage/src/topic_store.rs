@@ -331,12 +331,19 @@ impl TopicStore {
             group_offsets_moved: 0,
             meta_batch: sled::Batch::default(),
             records_batch: sled::Batch::default(),
+            pending: BTreeMap::new(),
         };
         let mut responses = Vec::with_capacity(commands.len());
         for cmd in commands {
             let resp = match cmd {
                 None => CommandResponse::Empty,
-                Some(cmd) => w.apply_one(cmd)?,
+                Some(cmd) => {
+                    let resp = w.apply_one(cmd)?;
+                    // Merged batches never span entries: which entries one apply call gets differs
+                    // between nodes, and batch boundaries must not (retention cuts at them).
+                    w.store_pending()?;
+                    resp
+                }
             };
             responses.push(resp);
         }
@@ -882,9 +889,27 @@ struct Work<'a> {
     group_offsets_moved: u64,
     meta_batch: sled::Batch,
     records_batch: sled::Batch,
+    /// Records appended by this entry and not yet encoded, per (topic id, partition): the produce
+    /// commands of one entry (a `Command::Batch` of many small requests) are stored as one batch
+    /// per partition instead of one sled value each. See [`Work::produce`].
+    pending: BTreeMap<(u32, u32), PendingBatch<'a>>,
 }
 
-impl Work<'_> {
+/// Consecutive records of one partition, from the produce commands of one log entry, to be stored
+/// as one batch.
+struct PendingBatch<'a> {
+    base: u64,
+    records: Vec<&'a Record>,
+    /// Estimated encoded size ([`Record::encoded_len_hint`]), against [`MERGED_BATCH_BYTES`].
+    bytes: usize,
+}
+
+/// Largest stored batch that merging produce commands makes (estimated bytes). A single produce
+/// batch above it is stored alone, as sent. Well under sled's blob threshold (about 128 KiB), above
+/// which every value becomes a file of its own.
+const MERGED_BATCH_BYTES: usize = 64 << 10;
+
+impl<'a> Work<'a> {
     fn producer(&self, k: ProducerKey) -> Option<&ProducerState> {
         match self.touched.get(&k) {
             Some(st) => st.as_ref(),
@@ -892,7 +917,29 @@ impl Work<'_> {
         }
     }
 
-    fn apply_one(&mut self, cmd: &Command) -> Result<CommandResponse, StoreError> {
+    /// Encodes and writes the pending merged batches, and the partition states they change.
+    fn store_pending(&mut self) -> Result<(), StoreError> {
+        for (at, p) in std::mem::take(&mut self.pending) {
+            self.store_batch(at, p)?;
+        }
+        Ok(())
+    }
+
+    fn store_batch(&mut self, (id, partition): (u32, u32), p: PendingBatch<'a>) -> Result<(), StoreError> {
+        let encoded = batch::encode_refs(&p.records)?;
+        let state = self.meta.partitions.entry((id, partition)).or_default();
+        state.bytes += encoded.len() as u64;
+        self.records_batch.insert(&batch::key(id, partition, p.base), encoded);
+        self.meta_batch.insert(partition_key(id, partition), checked::seal_bincode("partition state", state)?);
+        Ok(())
+    }
+
+    fn apply_one(&mut self, cmd: &'a Command) -> Result<CommandResponse, StoreError> {
+        if !matches!(cmd, Command::Produce { .. } | Command::Batch(_)) {
+            // Whatever else a command does (retention sizes batches, a deletion queues them) sees
+            // the records produced before it as stored batches.
+            self.store_pending()?;
+        }
         Ok(match cmd {
             Command::CreateTopic { name, partitions, config } => self.create_topic(name, *partitions, *config)?,
             Command::DeleteTopic { name } => self.delete_topic(name)?,
@@ -1116,11 +1163,16 @@ impl Work<'_> {
         Ok(CommandResponse::TopicDeleted)
     }
 
+    /// Appends a batch to a partition. The records are stored when the entry is done
+    /// ([`Work::store_pending`]), together with those of the entry's other produce commands to the
+    /// same partition while they fit [`MERGED_BATCH_BYTES`]: one sled value instead of one per
+    /// request is what lets one-record requests apply at the rate they commit. Offsets, answers and
+    /// the idempotence window are per command, as if each were stored alone.
     fn produce(
         &mut self,
         topic: &TopicName,
         partition: u32,
-        records: &[Record],
+        records: &'a [Record],
         producer: Option<ProducerSeq>,
     ) -> Result<CommandResponse, StoreError> {
         let Some(t) = self.meta.topics.get(topic) else {
@@ -1174,13 +1226,22 @@ impl Work<'_> {
                 }
             }
         }
+        let base = self.meta.partitions.get(&(id, partition)).map_or(0, |s| s.end_offset);
+        let bytes: usize = records.iter().map(Record::encoded_len_hint).sum();
+        let joins = self.pending.get(&(id, partition)).is_some_and(|p| p.bytes + bytes <= MERGED_BATCH_BYTES);
+        if !joins {
+            if let Some(full) = self.pending.remove(&(id, partition)) {
+                self.store_batch((id, partition), full)?;
+            }
+            self.pending.insert((id, partition), PendingBatch { base, records: Vec::new(), bytes: 0 });
+        }
+        if let Some(p) = self.pending.get_mut(&(id, partition)) {
+            debug_assert_eq!(p.base + p.records.len() as u64, base, "a pending batch ends where the partition ends");
+            p.records.extend(records.iter());
+            p.bytes += bytes;
+        }
         let state = self.meta.partitions.entry((id, partition)).or_default();
-        let base = state.end_offset;
-        let encoded = batch::encode(records)?;
-        state.bytes += encoded.len() as u64;
-        self.records_batch.insert(&batch::key(id, partition, base), encoded);
         state.end_offset = base + u64::from(count);
-        self.meta_batch.insert(partition_key(id, partition), checked::seal_bincode("partition state", state)?);
         if let Some(ps) = producer {
             let k = (ps.producer_id, id, partition);
             let mut st = self.producer(k).cloned().unwrap_or_default();
@@ -1654,5 +1715,117 @@ mod tests {
         assert_eq!(store.reclaim(100).unwrap(), 2);
         let (summary, _) = store.export_snapshot(Vec::new()).unwrap();
         assert_eq!(summary.batches, 1);
+    }
+
+    /// Every stored batch of a store: (key, value) in key order.
+    fn stored_batches(store: &TopicStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let cur = store.current().unwrap();
+        cur.generation.records.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()).collect()
+    }
+
+    fn small_produce(topic: &str, p: u32, v: &str, producer: Option<ProducerSeq>) -> Command {
+        Command::Produce { topic: name(topic), partition: p, records: vec![rec(v)], producer }
+    }
+
+    /// The produce commands of one entry are stored as one batch per partition (one sled value, not
+    /// one per request), and everything a client sees is as if each had its own entry: offsets,
+    /// answers, idempotent retries and reads.
+    #[test]
+    fn the_produce_commands_of_one_entry_are_stored_as_one_batch_per_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let create = Command::CreateTopic { name: name("m"), partitions: 2, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        let pid = match store.apply(&[Some(&Command::InitProducerId)], Bytes::from_static(b"2")).unwrap().remove(0) {
+            CommandResponse::ProducerIdAssigned { producer_id } => producer_id,
+            other => panic!("{other:?}"),
+        };
+        let seq = |sequence| Some(ProducerSeq { producer_id: pid, sequence });
+        let entry = Command::Batch(vec![
+            small_produce("m", 0, "a", seq(0)),
+            small_produce("m", 1, "x", None),
+            small_produce("m", 0, "b", seq(1)),
+            small_produce("m", 0, "b", seq(1)), // a retry inside the same entry
+            small_produce("m", 0, "c", seq(3)), // a gap: refused, changes nothing
+            small_produce("m", 1, "y", None),
+            small_produce("m", 0, "d", seq(2)),
+        ]);
+        let resp = store.apply(&[Some(&entry)], Bytes::from_static(b"3")).unwrap();
+        let [CommandResponse::Batch(answers)] = resp.as_slice() else { panic!("{resp:?}") };
+        let produced = |base_offset| CommandResponse::Produced { base_offset, count: 1, duplicate: false };
+        assert_eq!(answers[0], produced(0));
+        assert_eq!(answers[1], produced(0));
+        assert_eq!(answers[2], produced(1));
+        assert_eq!(answers[3], CommandResponse::Produced { base_offset: 1, count: 1, duplicate: true });
+        assert!(matches!(&answers[4], CommandResponse::Rejected { code: ErrorCode::OutOfOrderSequenceNumber, .. }));
+        assert_eq!(answers[5], produced(1));
+        assert_eq!(answers[6], produced(2));
+        assert_eq!(stored_batches(&store).len(), 2, "one stored batch per partition");
+        let vals = |p| -> Vec<(u64, Bytes)> {
+            store.read("m", p, 0, 100, 1 << 20).unwrap().records.into_iter().map(|(o, r)| (o, r.value)).collect()
+        };
+        assert_eq!(vals(0), vec![(0, Bytes::from("a")), (1, Bytes::from("b")), (2, Bytes::from("d"))]);
+        assert_eq!(vals(1), vec![(0, Bytes::from("x")), (1, Bytes::from("y"))]);
+        let offsets = store.partition_offsets("m").unwrap();
+        let stored: u64 = stored_batches(&store).iter().map(|(_, v)| v.len() as u64).sum();
+        assert_eq!(offsets.iter().map(|o| o.bytes).sum::<u64>(), stored, "bytes count what is stored");
+        // A retry in a later entry still finds the original offsets.
+        let retry = small_produce("m", 0, "d", seq(2));
+        let again = store.apply(&[Some(&retry)], Bytes::from_static(b"4")).unwrap().remove(0);
+        assert_eq!(again, CommandResponse::Produced { base_offset: 2, count: 1, duplicate: true });
+    }
+
+    /// A merged batch stays under MERGED_BATCH_BYTES; a larger produce is stored alone; reads
+    /// cross the boundaries.
+    #[test]
+    fn merged_batches_are_bounded_in_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let create = Command::CreateTopic { name: name("m"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        let kib = "k".repeat(1000);
+        let big = "B".repeat(MERGED_BATCH_BYTES + 1);
+        let mut cmds: Vec<Command> = (0..150).map(|_| small_produce("m", 0, &kib, None)).collect();
+        cmds.insert(70, small_produce("m", 0, &big, None));
+        let entry = Command::Batch(cmds);
+        store.apply(&[Some(&entry)], Bytes::from_static(b"2")).unwrap();
+        let batches = stored_batches(&store);
+        // Records of 1 KiB (1024 bytes estimated): 64 fill a merged batch. So 70 small ones make
+        // 64 + 6, the big one is alone, and 80 more make 64 + 16.
+        let bases: Vec<u64> = batches.iter().filter_map(|(k, _)| batch::parse_key(k)).map(|(_, _, b)| b).collect();
+        assert_eq!(bases, vec![0, 64, 70, 71, 135]);
+        assert!(batches.iter().all(|(_, v)| v.len() < 128 << 10), "every stored value stays under sled's blob size");
+        let all = store.read("m", 0, 0, 1000, usize::MAX).unwrap().records;
+        assert_eq!(all.len(), 151);
+        assert!(all.iter().enumerate().all(|(i, (o, _))| *o == i as u64));
+        assert_eq!(all[70].1.value.len(), big.len());
+    }
+
+    /// Which entries one apply call gets differs from node to node (it is whatever had committed).
+    /// Batch boundaries must not: retention cuts at them. Merging never crosses an entry, so the
+    /// stored state is the same however the entries are grouped.
+    #[test]
+    fn stored_batches_do_not_depend_on_how_entries_are_grouped_into_apply_calls() {
+        let entries: Vec<Command> =
+            std::iter::once(Command::CreateTopic { name: name("m"), partitions: 2, config: TopicConfig::default() })
+                .chain((0..6u32).map(|e| {
+                    Command::Batch(
+                        (0..5u32).map(|i| small_produce("m", (e + i) % 2, &format!("{e}-{i}"), None)).collect(),
+                    )
+                }))
+                .chain(std::iter::once(small_produce("m", 0, "alone", None)))
+                .collect();
+        let one_call = tempfile::tempdir().unwrap();
+        let a = TopicStore::open(one_call.path(), &TopicStoreOptions::default()).unwrap();
+        let all: Vec<Option<&Command>> = entries.iter().map(Some).collect();
+        a.apply(&all, Bytes::from_static(b"end")).unwrap();
+        let call_each = tempfile::tempdir().unwrap();
+        let b = TopicStore::open(call_each.path(), &TopicStoreOptions::default()).unwrap();
+        for e in &entries {
+            b.apply(&[Some(e)], Bytes::from_static(b"end")).unwrap();
+        }
+        assert_eq!(stored_batches(&a), stored_batches(&b));
+        assert_eq!(stored_batches(&a).len(), 6 * 2 + 1, "one batch per partition per entry");
+        assert_eq!(a.partition_offsets("m").unwrap(), b.partition_offsets("m").unwrap());
     }
 }
