@@ -57,6 +57,10 @@ enum Api {
     /// One record per request: Busbar `Produce` RPCs of one record each, NATS publishes; up to
     /// `--in-flight` outstanding per producer in both.
     PerRequest,
+    /// One record per request, Busbar's requests as messages on one `ProduceStream` per producer
+    /// (what a client sending records one by one with many outstanding would use; one ack per
+    /// record). NATS: publishes, as in per-request.
+    PerRequestStream,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -179,6 +183,7 @@ type AckFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 enum Sink {
     Busbar { producer: Arc<Producer>, topic: String },
     BusbarRaw { api: BusbarClient<Channel>, topic: String },
+    BusbarStream(ProduceStreamSink),
     Nats { js: async_nats::jetstream::Context, prefix: String },
 }
 
@@ -209,6 +214,7 @@ impl Sink {
                     Ok(())
                 }))
             }
+            Sink::BusbarStream(sink) => sink.send(partition, key, value).await,
             Sink::Nats { js, prefix } => {
                 let subject = format!("{prefix}.{partition}");
                 let ack = match key {
@@ -226,6 +232,70 @@ impl Sink {
                 }))
             }
         }
+    }
+}
+
+/// One `ProduceStream` to the leader: each record is one message with its own request id, and a
+/// reader task hands each ack to the record's waiter.
+struct ProduceStreamSink {
+    requests: tokio::sync::mpsc::Sender<pb::ProduceStreamRequest>,
+    waiters: Arc<std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<()>>>>>,
+    next_id: AtomicU64,
+    topic: String,
+}
+
+impl ProduceStreamSink {
+    async fn open(mut api: BusbarClient<Channel>, topic: &str, in_flight: usize) -> Result<Self> {
+        let (requests, rx) = tokio::sync::mpsc::channel(in_flight.max(1));
+        let mut acks = api.produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let waiters: Arc<std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<()>>>>> =
+            Arc::default();
+        let w = waiters.clone();
+        tokio::spawn(async move {
+            let fail_all = |why: String| {
+                for (_, tx) in w.lock().map(|mut m| m.drain().collect::<Vec<_>>()).unwrap_or_default() {
+                    let _ = tx.send(Err(anyhow!("{why}")));
+                }
+            };
+            loop {
+                match acks.message().await {
+                    Ok(Some(msg)) => {
+                        let tx = w.lock().ok().and_then(|mut m| m.remove(&msg.request_id));
+                        let outcome = match msg.result {
+                            Some(pb::produce_stream_response::Result::Ack(_)) => Ok(()),
+                            Some(pb::produce_stream_response::Result::Error(e)) => {
+                                Err(anyhow!("produce: code {} {}", e.code, e.message))
+                            }
+                            None => Err(anyhow!("produce stream: an answer without a result")),
+                        };
+                        if let Some(tx) = tx {
+                            let _ = tx.send(outcome);
+                        }
+                    }
+                    Ok(None) => return fail_all("the produce stream ended".into()),
+                    Err(st) => return fail_all(format!("produce stream: {} {}", st.code(), st.message())),
+                }
+            }
+        });
+        Ok(Self { requests, waiters, next_id: AtomicU64::new(0), topic: topic.to_string() })
+    }
+
+    async fn send(&self, partition: u32, key: Option<Vec<u8>>, value: Vec<u8>) -> Result<AckFuture> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters.lock().map_err(|_| anyhow!("waiters poisoned"))?.insert(request_id, tx);
+        let batch = pb::ProduceRequest {
+            topic: self.topic.clone(),
+            partition: Some(partition),
+            records: vec![pb::Record { key, value, headers: vec![], timestamp_ms: 0 }],
+            producer_id: 0,
+            sequence: 0,
+        };
+        self.requests
+            .send(pb::ProduceStreamRequest { request_id, batch: Some(batch) })
+            .await
+            .map_err(|_| anyhow!("the produce stream is closed"))?;
+        Ok(Box::pin(async move { rx.await.map_err(|_| anyhow!("the produce stream ended"))? }))
     }
 }
 
@@ -322,6 +392,9 @@ async fn make_sink(args: &Args, topic: &str) -> Result<Sink> {
         (System::Busbar, Api::PerRequest) => {
             Sink::BusbarRaw { api: busbar_leader_api(&args.brokers).await?, topic: topic.to_string() }
         }
+        (System::Busbar, Api::PerRequestStream) => Sink::BusbarStream(
+            ProduceStreamSink::open(busbar_leader_api(&args.brokers).await?, topic, args.in_flight).await?,
+        ),
         (System::Nats, _) => {
             Sink::Nats { js: nats_connect(&args.brokers, args.in_flight).await?, prefix: topic.to_string() }
         }
