@@ -165,7 +165,10 @@ fn bench_apply(c: &mut Criterion) {
         if let Err(e) = store.apply(&[Some(&create)], Bytes::copy_from_slice(&applied.to_be_bytes())) {
             panic!("create topic: {e}");
         }
-        let recs = records(size);
+        let recs = match busbar_types::RecordBatch::encode(&records(size)) {
+            Ok(b) => b,
+            Err(e) => panic!("encode: {e}"),
+        };
         let produce: Vec<Command> = (0..4u32)
             .map(|p| Command::Produce { topic: topic.clone(), partition: p, records: recs.clone(), producer: None })
             .collect();

@@ -273,23 +273,25 @@ fn apply_phase(dir: &Path, batches_per_call: usize, run_for: Duration) -> Result
     let mut applied = 1u64;
     expect_ok(&store.apply(&[Some(&create)], Bytes::copy_from_slice(&applied.to_be_bytes()))?)?;
 
-    let produce: Vec<Command> = (0..PARTITIONS)
-        .map(|p| Command::Produce {
+    let mut produce: Vec<Command> = Vec::new();
+    for p in 0..PARTITIONS {
+        let records: Vec<Record> = (0..RECORDS_PER_BATCH)
+            .map(|i| Record {
+                key: None,
+                value: Bytes::from(random_bytes(RECORD_BYTES, u64::from(p) * 1_000 + i as u64)),
+                headers: vec![],
+                timestamp_ms: 1_700_000_000_000 + i as i64,
+            })
+            .collect();
+        produce.push(Command::Produce {
             topic: topic.clone(),
             partition: p,
-            records: (0..RECORDS_PER_BATCH)
-                .map(|i| Record {
-                    key: None,
-                    value: Bytes::from(random_bytes(RECORD_BYTES, u64::from(p) * 1_000 + i as u64)),
-                    headers: vec![],
-                    timestamp_ms: 1_700_000_000_000 + i as i64,
-                })
-                .collect(),
+            records: busbar_types::RecordBatch::encode(&records)?,
             // Not idempotent: the same four commands are applied again and again, and with a producer
             // sequence every repeat would be answered as a duplicate without writing anything.
             producer: None,
-        })
-        .collect();
+        });
+    }
 
     let mut calls = 0u64;
     let mut latencies = Vec::new();

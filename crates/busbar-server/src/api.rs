@@ -13,7 +13,9 @@ use busbar_proto::v1 as pb;
 use busbar_proto::v1::busbar_server::Busbar;
 use busbar_raft::RaftNode;
 use busbar_storage::FetchResult;
-use busbar_types::{Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, TopicConfig, TopicName};
+use busbar_types::{
+    Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, RecordBatch, TopicConfig, TopicName,
+};
 use bytes::Bytes;
 use futures::Stream;
 use openraft::ServerState;
@@ -80,6 +82,9 @@ impl Inner {
         };
         let producer =
             (req.producer_id != 0).then_some(ProducerSeq { producer_id: req.producer_id, sequence: req.sequence });
+        // Encoded once, here: every later hop (log, replication, apply) copies these bytes.
+        let records = RecordBatch::encode(&records)
+            .map_err(|e| api(ErrorCode::InvalidRequest, format!("the batch cannot be encoded: {e}")))?;
         Ok((partition, Command::Produce { topic, partition, records, producer }))
     }
 

@@ -1,46 +1,30 @@
 //! How a batch of records is stored: one sled value per produced batch, sealed with a crc32 that
 //! is checked on every read.
 
-use busbar_types::Record;
-use serde::{Deserialize, Serialize};
+use busbar_types::{record_batch, Record, RecordBatch};
 
 use crate::checked;
 use crate::StoreError;
 
-#[derive(Serialize, Deserialize)]
-struct StoredBatch {
-    /// Largest record timestamp in the batch: retention by time drops whole batches by it.
-    max_timestamp_ms: i64,
-    records: Vec<Record>,
-}
-
+/// The stored value of a batch of `records`: their [`RecordBatch`] encoding in the crc32 envelope.
 pub fn encode(records: &[Record]) -> Result<Vec<u8>, StoreError> {
-    #[derive(Serialize)]
-    struct StoredBatchRef<'a> {
-        max_timestamp_ms: i64,
-        records: &'a [Record],
-    }
-    let max_timestamp_ms = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
-    checked::seal_bincode("record batch", &StoredBatchRef { max_timestamp_ms, records })
+    let batch = RecordBatch::encode(records).map_err(|e| StoreError::corrupt("record batch", e.to_string()))?;
+    Ok(store(&[&batch]))
 }
 
-/// As [`encode`], from records gathered from several produce commands; the same bytes as
-/// `encode` of the same records.
-pub fn encode_refs(records: &[&Record]) -> Result<Vec<u8>, StoreError> {
-    #[derive(Serialize)]
-    struct StoredBatchRefs<'a> {
-        max_timestamp_ms: i64,
-        records: &'a [&'a Record],
+/// The stored value of the records of `parts` as one batch, in order: one copy of their bytes
+/// (merged under a new header when there are several), in the crc32 envelope.
+pub fn store(parts: &[&RecordBatch]) -> Vec<u8> {
+    match parts {
+        [one] => checked::seal(one.as_bytes()),
+        _ => checked::seal(&record_batch::merge(parts)),
     }
-    let max_timestamp_ms = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
-    checked::seal_bincode("record batch", &StoredBatchRefs { max_timestamp_ms, records })
 }
 
 /// The batch's newest timestamp and record count, checking its crc but without decoding every record.
 pub fn summary(what: &dyn Fn() -> String, value: &[u8]) -> Result<(i64, u32), StoreError> {
     let payload = checked::open(what, value)?;
-    // bincode lays the struct out in field order: max_timestamp_ms (i64 LE), then the records'
-    // length (u64 LE).
+    // The RecordBatch header: max_timestamp_ms (i64 LE), then the record count (u64 LE).
     let (Some(ts), Some(n)) = (payload.get(..8), payload.get(8..16)) else {
         return Err(StoreError::corrupt(what(), "batch shorter than its header"));
     };
@@ -50,8 +34,8 @@ pub fn summary(what: &dyn Fn() -> String, value: &[u8]) -> Result<(i64, u32), St
 }
 
 pub fn decode(what: &dyn Fn() -> String, value: &[u8]) -> Result<Vec<Record>, StoreError> {
-    let batch: StoredBatch = checked::open_bincode(what, value)?;
-    Ok(batch.records)
+    let payload = checked::open(what, value)?;
+    record_batch::decode(payload).map_err(|e| StoreError::corrupt(what(), e.to_string()))
 }
 
 /// Records tree key: `[topic id u32 BE][partition u32 BE][base offset u64 BE]`, so a partition's

@@ -24,7 +24,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use busbar_types::{Command, CommandResponse, ErrorCode, GroupName, ProducerSeq, Record, TopicConfig, TopicName};
+use busbar_types::{
+    Command, CommandResponse, ErrorCode, GroupName, ProducerSeq, Record, RecordBatch, TopicConfig, TopicName,
+};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -899,12 +901,12 @@ struct Work<'a> {
 /// as one batch.
 struct PendingBatch<'a> {
     base: u64,
-    records: Vec<&'a Record>,
-    /// Estimated encoded size ([`Record::encoded_len_hint`]), against [`MERGED_BATCH_BYTES`].
+    parts: Vec<&'a RecordBatch>,
+    /// Encoded size of the parts, against [`MERGED_BATCH_BYTES`].
     bytes: usize,
 }
 
-/// Largest stored batch that merging produce commands makes (estimated bytes). A single produce
+/// Largest stored batch that merging produce commands makes (encoded bytes). A single produce
 /// batch above it is stored alone, as sent. Well under sled's blob threshold (about 128 KiB), above
 /// which every value becomes a file of its own.
 const MERGED_BATCH_BYTES: usize = 64 << 10;
@@ -926,7 +928,7 @@ impl<'a> Work<'a> {
     }
 
     fn store_batch(&mut self, (id, partition): (u32, u32), p: PendingBatch<'a>) -> Result<(), StoreError> {
-        let encoded = batch::encode_refs(&p.records)?;
+        let encoded = batch::store(&p.parts);
         let state = self.meta.partitions.entry((id, partition)).or_default();
         state.bytes += encoded.len() as u64;
         self.records_batch.insert(&batch::key(id, partition, p.base), encoded);
@@ -1172,7 +1174,7 @@ impl<'a> Work<'a> {
         &mut self,
         topic: &TopicName,
         partition: u32,
-        records: &'a [Record],
+        records: &'a RecordBatch,
         producer: Option<ProducerSeq>,
     ) -> Result<CommandResponse, StoreError> {
         let Some(t) = self.meta.topics.get(topic) else {
@@ -1187,8 +1189,7 @@ impl<'a> Work<'a> {
         if records.is_empty() {
             return Ok(rejected(ErrorCode::InvalidRequest, "a produce batch needs at least one record".into()));
         }
-        let count = u32::try_from(records.len())
-            .map_err(|_| StoreError::corrupt("produce", "more than u32::MAX records in one batch"))?;
+        let count = records.count();
         let id = t.id;
         if let Some(ps) = producer {
             if ps.producer_id < FIRST_PRODUCER_ID || ps.producer_id >= self.meta.next_producer_id {
@@ -1227,17 +1228,21 @@ impl<'a> Work<'a> {
             }
         }
         let base = self.meta.partitions.get(&(id, partition)).map_or(0, |s| s.end_offset);
-        let bytes: usize = records.iter().map(Record::encoded_len_hint).sum();
+        let bytes = records.len();
         let joins = self.pending.get(&(id, partition)).is_some_and(|p| p.bytes + bytes <= MERGED_BATCH_BYTES);
         if !joins {
             if let Some(full) = self.pending.remove(&(id, partition)) {
                 self.store_batch((id, partition), full)?;
             }
-            self.pending.insert((id, partition), PendingBatch { base, records: Vec::new(), bytes: 0 });
+            self.pending.insert((id, partition), PendingBatch { base, parts: Vec::new(), bytes: 0 });
         }
         if let Some(p) = self.pending.get_mut(&(id, partition)) {
-            debug_assert_eq!(p.base + p.records.len() as u64, base, "a pending batch ends where the partition ends");
-            p.records.extend(records.iter());
+            debug_assert_eq!(
+                p.base + p.parts.iter().map(|b| u64::from(b.count())).sum::<u64>(),
+                base,
+                "a pending batch ends where the partition ends"
+            );
+            p.parts.push(records);
             p.bytes += bytes;
         }
         let state = self.meta.partitions.entry((id, partition)).or_default();
@@ -1331,11 +1336,15 @@ mod tests {
         TopicName::new(s).unwrap()
     }
 
+    fn batch_of(records: Vec<Record>) -> RecordBatch {
+        RecordBatch::encode(&records).unwrap()
+    }
+
     fn produce(store: &TopicStore, topic: &str, p: u32, vals: &[&str], pos: u8) -> CommandResponse {
         let cmd = Command::Produce {
             topic: name(topic),
             partition: p,
-            records: vals.iter().map(|v| rec(v)).collect(),
+            records: batch_of(vals.iter().map(|v| rec(v)).collect()),
             producer: None,
         };
         store.apply(&[Some(&cmd)], Bytes::from(vec![pos])).unwrap().remove(0)
@@ -1350,7 +1359,7 @@ mod tests {
         let produce_cmd = |topic: &str, vals: &[&str]| Command::Produce {
             topic: name(topic),
             partition: 0,
-            records: vals.iter().map(|v| rec(v)).collect(),
+            records: batch_of(vals.iter().map(|v| rec(v)).collect()),
             producer: None,
         };
         let batch = Command::Batch(vec![
@@ -1538,7 +1547,7 @@ mod tests {
         let cmd = Command::Produce {
             topic: name(topic),
             partition: p,
-            records: vec![rec(v)],
+            records: batch_of(vec![rec(v)]),
             producer: Some(ProducerSeq { producer_id: pid, sequence: seq }),
         };
         store.apply(&[Some(&cmd)], Bytes::from_static(b"i")).unwrap().remove(0)
@@ -1644,7 +1653,7 @@ mod tests {
     }
 
     fn produce_at(store: &TopicStore, ts: i64, n: usize) -> u64 {
-        let records = (0..n).map(|i| Record { timestamp_ms: ts, ..rec(&format!("v{i}")) }).collect();
+        let records = batch_of((0..n).map(|i| Record { timestamp_ms: ts, ..rec(&format!("v{i}")) }).collect());
         let cmd = Command::Produce { topic: name("r"), partition: 0, records, producer: None };
         match store.apply(&[Some(&cmd)], Bytes::from_static(b"x")).unwrap().remove(0) {
             CommandResponse::Produced { base_offset, .. } => base_offset,
@@ -1724,7 +1733,7 @@ mod tests {
     }
 
     fn small_produce(topic: &str, p: u32, v: &str, producer: Option<ProducerSeq>) -> Command {
-        Command::Produce { topic: name(topic), partition: p, records: vec![rec(v)], producer }
+        Command::Produce { topic: name(topic), partition: p, records: batch_of(vec![rec(v)]), producer }
     }
 
     /// The produce commands of one entry are stored as one batch per partition (one sled value, not
@@ -1790,10 +1799,12 @@ mod tests {
         let entry = Command::Batch(cmds);
         store.apply(&[Some(&entry)], Bytes::from_static(b"2")).unwrap();
         let batches = stored_batches(&store);
-        // Records of 1 KiB (1024 bytes estimated): 64 fill a merged batch. So 70 small ones make
-        // 64 + 6, the big one is alone, and 80 more make 64 + 16.
+        // A merged batch takes as many one-record batches of 1 KB as fit 64 KiB (62): the 70 small
+        // ones before the big one make 62 + 8, the big one is alone, and the 80 after make 62 + 18.
+        let per = (MERGED_BATCH_BYTES / batch_of(vec![rec(&kib)]).len()) as u64;
+        assert_eq!(per, 62);
         let bases: Vec<u64> = batches.iter().filter_map(|(k, _)| batch::parse_key(k)).map(|(_, _, b)| b).collect();
-        assert_eq!(bases, vec![0, 64, 70, 71, 135]);
+        assert_eq!(bases, vec![0, per, 70, 71, 71 + per]);
         assert!(batches.iter().all(|(_, v)| v.len() < 128 << 10), "every stored value stays under sled's blob size");
         let all = store.read("m", 0, 0, 1000, usize::MAX).unwrap().records;
         assert_eq!(all.len(), 151);

@@ -4,7 +4,7 @@
 //! (without the delete it would grow by ~26 MiB), so the bound is three quarters of the volume.
 
 use busbar_storage::{TopicStore, TopicStoreOptions};
-use busbar_types::{Command, Record, TopicConfig, TopicName};
+use busbar_types::{Command, Record, RecordBatch, TopicConfig, TopicName};
 use bytes::Bytes;
 
 fn dir_size(dir: &std::path::Path) -> u64 {
@@ -31,7 +31,7 @@ fn fill(store: &TopicStore, topic: &str, mib: usize) -> anyhow::Result<()> {
     store.apply(&[Some(&create)], Bytes::from_static(b"c"))?;
     // 16 KiB batches of 16 x 1 KiB records.
     for i in 0..(mib * 64) {
-        let records = (0..16)
+        let records: Vec<Record> = (0..16)
             .map(|j| Record {
                 key: None,
                 value: Bytes::from(vec![(i + j) as u8; 1024]),
@@ -39,6 +39,7 @@ fn fill(store: &TopicStore, topic: &str, mib: usize) -> anyhow::Result<()> {
                 timestamp_ms: 1,
             })
             .collect();
+        let records = RecordBatch::encode(&records)?;
         let cmd = Command::Produce { topic: name.clone(), partition: (i % 4) as u32, records, producer: None };
         store.apply(&[Some(&cmd)], Bytes::from_static(b"p"))?;
     }

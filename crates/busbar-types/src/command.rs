@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::record::Record;
+use crate::record_batch::RecordBatch;
 use crate::topic::TopicName;
 use crate::topic_config::TopicConfig;
 
@@ -36,11 +36,12 @@ pub enum Command {
     },
     /// Append one batch to one partition. All records get consecutive offsets, or none is written.
     /// With `producer`, a batch the state machine has seen before gets its original offsets back
-    /// instead of being written again.
+    /// instead of being written again. The records travel encoded, as they are stored
+    /// ([`RecordBatch`]): no hop between the leader's API and the state machine decodes them.
     Produce {
         topic: TopicName,
         partition: u32,
-        records: Vec<Record>,
+        records: RecordBatch,
         producer: Option<ProducerSeq>,
     },
     /// Hand out a new producer id (unique in the cluster, never reused).

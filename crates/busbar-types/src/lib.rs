@@ -6,12 +6,14 @@
 pub mod command;
 pub mod error;
 pub mod record;
+pub mod record_batch;
 pub mod topic;
 pub mod topic_config;
 
 pub use command::{Command, CommandResponse, GroupName, OffsetReset, ProducerSeq};
 pub use error::{ApiError, ErrorCode};
 pub use record::{Header, Record};
+pub use record_batch::{RecordBatch, RecordBatchError};
 pub use topic::{TopicName, TopicNameError};
 pub use topic_config::{ConfigError, TopicConfig};
 
