@@ -113,6 +113,49 @@ async fn t10_round_trip_keeps_every_byte() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `send_with_callback` reports each record once, with the offset a future would have given
+/// (dense and in send order per partition), and never for a send that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t11_callbacks_report_each_record_once() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    Admin::new(client.clone()).create_topic("cb", 3).await?;
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).await?;
+    type Outcomes = Arc<std::sync::Mutex<Vec<(usize, Result<RecordMetadata, ClientError>)>>>;
+    let outcomes: Outcomes = Arc::default();
+    const N: usize = 600;
+    for i in 0..N {
+        let out = outcomes.clone();
+        let record = Record::keyed(format!("k{}", i % 7), format!("v{i}"));
+        producer
+            .send_with_callback("cb", record, move |r| out.lock().unwrap_or_else(|e| e.into_inner()).push((i, r)))
+            .await?;
+    }
+    let refused = outcomes.clone();
+    let unknown = producer
+        .send_with_callback("no-such-topic", Record::value("x"), move |r| {
+            refused.lock().unwrap_or_else(|e| e.into_inner()).push((usize::MAX, r))
+        })
+        .await;
+    assert_code("unknown topic", unknown, codes::UNKNOWN_TOPIC_OR_PARTITION)?;
+    producer.flush().await;
+    let mut got = std::mem::take(&mut *outcomes.lock().unwrap_or_else(|e| e.into_inner()));
+    assert_eq!(got.len(), N, "one call per record sent, none for the refused send");
+    got.sort_by_key(|(i, _)| *i);
+    let mut next: HashMap<u32, u64> = HashMap::new();
+    for (i, r) in got {
+        assert!(i < N);
+        let m = r.map_err(|e| anyhow::anyhow!("record {i}: {e}"))?;
+        assert_eq!(m.partition, for_key(format!("k{}", i % 7).as_bytes(), 3), "record {i}: its key's partition");
+        let want = next.entry(m.partition).or_insert(0);
+        assert_eq!(m.offset, *want, "record {i}: offsets follow send order in a partition");
+        *want += 1;
+    }
+    producer.close().await;
+    c.shutdown().await;
+    Ok(())
+}
+
 /// Concurrent one-record requests share log entries (the proposer packs the writes that queue up
 /// while earlier entries commit), and every one still gets its own answer: distinct, dense offsets
 /// per partition, the right records at them, and a duplicate-free log.

@@ -75,4 +75,4 @@ pub use error::{codes, ClientError};
 pub use group::{
     GroupConsumer, GroupConsumerConfig, GroupEvent, RebalanceCallback, ResetTo, StartFrom, TopicPartition,
 };
-pub use producer::{DeliveryFuture, Producer, ProducerConfig, RecordMetadata};
+pub use producer::{DeliveryCallback, DeliveryFuture, Producer, ProducerConfig, RecordMetadata};

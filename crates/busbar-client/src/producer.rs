@@ -72,6 +72,33 @@ pub struct RecordMetadata {
 
 type Delivery = Result<RecordMetadata, ClientError>;
 
+/// Called once with a record's outcome; see [`Producer::send_with_callback`].
+pub type DeliveryCallback = Box<dyn FnOnce(Result<RecordMetadata, ClientError>) + Send>;
+
+/// Who learns a record's outcome.
+enum Waiter {
+    /// A [`DeliveryFuture`]'s sender.
+    Future(oneshot::Sender<Delivery>),
+    /// A callback, run on the producer's task that received the answer.
+    Callback(DeliveryCallback),
+}
+
+impl Waiter {
+    fn answer(self, outcome: Delivery) {
+        match self {
+            // The caller may have dropped its future: nobody to tell.
+            Waiter::Future(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Waiter::Callback(f) => f(outcome),
+        }
+    }
+}
+
+fn stopped() -> ClientError {
+    ClientError::Closed("the producer stopped before the record's batch was answered".into())
+}
+
 /// Resolves when the record's batch is acknowledged (committed on a quorum) or has failed.
 #[must_use = "a record's outcome is only known by awaiting its DeliveryFuture"]
 #[derive(Debug)]
@@ -85,7 +112,7 @@ impl Future for DeliveryFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Delivery> {
         Pin::new(&mut self.rx).poll(cx).map(|r| match r {
             Ok(d) => d,
-            Err(_) => Err(ClientError::Closed("the producer stopped before the record's batch was answered".into())),
+            Err(_) => Err(stopped()),
         })
     }
 }
@@ -159,13 +186,23 @@ struct PartState {
 
 struct Batch {
     records: Vec<pb::Record>,
-    waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
+    waiters: Vec<(u64, Waiter)>,
     bytes: usize,
     created: Instant,
     /// Takes no more records.
     full: bool,
     /// The buffer bytes this batch holds, given back when it is answered.
     memory: Option<OwnedSemaphorePermit>,
+}
+
+/// A batch dropped unanswered (its task was cancelled) tells its records' waiters so: a future
+/// would see its sender dropped, a callback must be called.
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for (_, w) in self.waiters.drain(..) {
+            w.answer(Err(stopped()));
+        }
+    }
 }
 
 /// One batch handed to a sending task.
@@ -240,12 +277,31 @@ impl Producer {
     /// Fails at once for an unknown topic (UNKNOWN_TOPIC_OR_PARTITION, code 3) and after
     /// [`close`](Self::close). Waits while `max_buffer_bytes` are buffered.
     pub async fn send(&self, topic: &str, record: Record) -> Result<DeliveryFuture, ClientError> {
-        self.enqueue(topic, None, record).await
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(topic, None, record, Waiter::Future(tx)).await?;
+        Ok(DeliveryFuture { rx })
     }
 
     /// Like [`send`](Self::send), to a given partition whatever the key.
     pub async fn send_to(&self, topic: &str, partition: u32, record: Record) -> Result<DeliveryFuture, ClientError> {
-        self.enqueue(topic, Some(partition), record).await
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(topic, Some(partition), record, Waiter::Future(tx)).await?;
+        Ok(DeliveryFuture { rx })
+    }
+
+    /// Like [`send`](Self::send), but the outcome goes to `callback` instead of a future (as
+    /// Kafka's `send(record, callback)`): the cheapest way to follow many records, with no future
+    /// to poll per record. When this returns `Ok`, `callback` is called exactly once, with the
+    /// record's metadata or its error (also if the producer stops first); when it returns `Err`,
+    /// never. It runs on the producer's task that received the answer, in record order within a
+    /// batch: keep it short and never block in it.
+    pub async fn send_with_callback(
+        &self,
+        topic: &str,
+        record: Record,
+        callback: impl FnOnce(Result<RecordMetadata, ClientError>) + Send + 'static,
+    ) -> Result<(), ClientError> {
+        self.enqueue(topic, None, record, Waiter::Callback(Box::new(callback))).await
     }
 
     /// Sends everything buffered now and waits until every record sent before this call is
@@ -283,12 +339,14 @@ impl Producer {
         lock(&self.shared.state).topics.get(topic).map(|t| t.parts.len() as u32)
     }
 
+    /// Buffers `record`; `waiter` learns its outcome. On `Err` the waiter is dropped unanswered.
     async fn enqueue(
         &self,
         topic: &str,
         partition: Option<u32>,
         record: Record,
-    ) -> Result<DeliveryFuture, ClientError> {
+        waiter: Waiter,
+    ) -> Result<(), ClientError> {
         if lock(&self.shared.state).closing {
             return Err(closed());
         }
@@ -307,7 +365,6 @@ impl Producer {
         // A record larger than the whole buffer takes all of it rather than waiting forever.
         let want = u32::try_from(size.min(cfg.max_buffer_bytes)).unwrap_or(u32::MAX);
         let memory = self.shared.buffer.clone().acquire_many_owned(want).await.map_err(|_| closed())?;
-        let (tx, rx) = oneshot::channel();
         let wake = {
             let mut guard = lock(&self.shared.state);
             let st = &mut *guard;
@@ -337,12 +394,12 @@ impl Producer {
             let id = st.next_id;
             st.next_id += 1;
             st.unfinished.insert(id);
-            ps.append(record.into_wire(), size, id, tx, memory, cfg.max_batch_bytes)
+            ps.append(record.into_wire(), size, id, waiter, memory, cfg.max_batch_bytes)
         };
         if wake {
             self.shared.wake.notify_one();
         }
-        Ok(DeliveryFuture { rx })
+        Ok(())
     }
 }
 
@@ -379,7 +436,7 @@ impl PartState {
         record: pb::Record,
         size: usize,
         id: u64,
-        tx: oneshot::Sender<Delivery>,
+        waiter: Waiter,
         memory: OwnedSemaphorePermit,
         max: usize,
     ) -> bool {
@@ -405,7 +462,7 @@ impl PartState {
         }
         if let Some(b) = self.queue.back_mut() {
             b.records.push(record);
-            b.waiters.push((id, tx));
+            b.waiters.push((id, waiter));
             b.bytes += size;
             match &mut b.memory {
                 Some(m) => m.merge(memory),
@@ -524,15 +581,13 @@ async fn deliver(shared: Arc<Shared>, d: Dispatch) {
     let ids: Vec<u64> = waiters.iter().map(|(id, _)| *id).collect();
     match &result {
         Ok(ack) => {
-            for (i, (_, tx)) in waiters.into_iter().enumerate() {
-                let meta = RecordMetadata { topic: topic.clone(), partition, offset: ack.base_offset + i as u64 };
-                // The caller may have dropped its future: nobody to tell.
-                let _ = tx.send(Ok(meta));
+            for (i, (_, w)) in waiters.into_iter().enumerate() {
+                w.answer(Ok(RecordMetadata { topic: topic.clone(), partition, offset: ack.base_offset + i as u64 }));
             }
         }
         Err(e) => {
-            for (_, tx) in waiters {
-                let _ = tx.send(Err(e.clone()));
+            for (_, w) in waiters {
+                w.answer(Err(e.clone()));
             }
         }
     }
@@ -761,7 +816,7 @@ mod tests {
     fn add(ps: &mut PartState, sem: &Arc<Semaphore>, size: usize, max: usize) -> bool {
         let (tx, _rx) = oneshot::channel();
         let permit = sem.clone().try_acquire_many_owned(size as u32).unwrap();
-        ps.append(pb::Record::default(), size, 0, tx, permit, max)
+        ps.append(pb::Record::default(), size, 0, Waiter::Future(tx), permit, max)
     }
 
     #[test]
