@@ -220,6 +220,11 @@ def workloads(quick):
         w[f"tput-perreq-{size}"] = (d + ["--mode", "throughput", "--api", "per-request", "--record-size", str(size),
                                          "--partitions", "8", "--producers", "2", "--consumers", "1",
                                          "--in-flight", "256"], [], [])
+        # The same, Busbar's requests as messages on one ProduceStream per producer (one ack each);
+        # NATS publishes exactly as in tput-perreq.
+        w[f"tput-perreq-stream-{size}"] = (d + ["--mode", "throughput", "--api", "per-request-stream",
+                                                "--record-size", str(size), "--partitions", "8", "--producers", "2",
+                                                "--consumers", "1", "--in-flight", "256"], [], [])
     # Latency at a fixed offered load that both systems sustain here (CO-corrected).
     w["rate-perreq-100"] = (d + ["--mode", "rate", "--rate", "500", "--api", "per-request", "--record-size", "100",
                                  "--partitions", "8", "--producers", "2", "--consumers", "1", "--in-flight", "256"],
