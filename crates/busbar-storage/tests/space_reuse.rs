@@ -62,9 +62,14 @@ fn space_of_a_deleted_topic_is_reused() {
     let after_second = dir_size(dir.path());
     eprintln!("after first: {} MiB, after second: {} MiB", after_first >> 20, after_second >> 20);
     let grown = after_second.saturating_sub(after_first);
+    // Without reuse the second write would take about what the first took (22-23 MiB here); with
+    // it, the store grew 5-12 MiB over 8 runs (before and after 2026-11-28: sled's cleaning depends
+    // on timing). The bound sits between the two, relative to the first write, so a loaded machine
+    // does not fail it and a store that stopped reusing space still does.
     assert!(
-        grown < ((MIB as u64) << 20) * 3 / 4,
-        "writing {MIB} MiB again after deleting {MIB} MiB grew the store by {} MiB",
-        grown >> 20
+        grown < after_first * 3 / 4,
+        "writing {MIB} MiB again after deleting {MIB} MiB grew the store by {} MiB (the first write took {} MiB)",
+        grown >> 20,
+        after_first >> 20
     );
 }
