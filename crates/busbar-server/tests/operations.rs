@@ -35,6 +35,33 @@ fn raft() -> RaftConfig {
     }
 }
 
+/// Creates `topic` through the node that leads, retried until a leader takes it: on a busy machine
+/// the first node to call itself leader can be deposed a moment later (TOPIC_ALREADY_EXISTS, 36,
+/// means an earlier try did). Returns the leader, its address and a client connected to it.
+async fn create_topic_on_a_leader(
+    nodes: &BTreeMap<NodeId, Node>,
+    topic: &str,
+    partitions: u32,
+) -> Res<(NodeId, String, BusbarClient<tonic::transport::Channel>)> {
+    until("a leader that takes a write", Duration::from_secs(30), || async {
+        let leader = leader_of(nodes)?;
+        let addr = format!("http://{}", nodes[&leader].handle().ok()?.addr);
+        let mut api = BusbarClient::connect(addr.clone()).await.ok()?;
+        let created = api
+            .create_topic(pb::CreateTopicRequest { name: topic.into(), partitions, config: Default::default() })
+            .await;
+        let code = |st: &tonic::Status| {
+            st.metadata().get("busbar-error-code").and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        match created {
+            Ok(_) => Some((leader, addr, api)),
+            Err(st) if code(&st).as_deref() == Some("36") => Some((leader, addr, api)),
+            Err(_) => None,
+        }
+    })
+    .await
+}
+
 async fn until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Res<T>
 where
     F: FnMut() -> Fut,
@@ -281,25 +308,7 @@ async fn metrics_carry_raft_requests_partitions_groups_and_storage() -> Res<()> 
         n.cfg.raft.logs_to_keep = 5;
         n.start().await?;
     }
-    // On a busy machine the first node to call itself leader can be deposed a moment later: the
-    // first write is retried until a leader takes it (TOPIC_ALREADY_EXISTS, 36: an earlier try did).
-    let (leader, addr, mut api) = until("a leader that takes a write", Duration::from_secs(30), || async {
-        let leader = leader_of(&nodes)?;
-        let addr = format!("http://{}", nodes[&leader].handle().ok()?.addr);
-        let mut api = BusbarClient::connect(addr.clone()).await.ok()?;
-        let created = api
-            .create_topic(pb::CreateTopicRequest { name: "orders".into(), partitions: 2, config: Default::default() })
-            .await;
-        let code = |st: &tonic::Status| {
-            st.metadata().get("busbar-error-code").and_then(|v| v.to_str().ok()).map(str::to_string)
-        };
-        match created {
-            Ok(_) => Some((leader, addr, api)),
-            Err(st) if code(&st).as_deref() == Some("36") => Some((leader, addr, api)),
-            Err(_) => None,
-        }
-    })
-    .await?;
+    let (leader, addr, mut api) = create_topic_on_a_leader(&nodes, "orders", 2).await?;
     let follower = *nodes.keys().find(|id| **id != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
     for i in 0..20u32 {
         let rec = pb::Record { value: format!("v{i}").into_bytes(), ..Default::default() };
@@ -482,10 +491,7 @@ async fn a_dead_voter_is_replaced_by_removing_it_then_starting_it_empty() -> Res
     for n in nodes.values_mut() {
         n.start().await?;
     }
-    let leader = until("a leader", Duration::from_secs(30), || async { leader_of(&nodes) }).await?;
-    let addr = format!("http://{}", nodes[&leader].handle()?.addr);
-    let mut api = BusbarClient::connect(addr.clone()).await?;
-    api.create_topic(pb::CreateTopicRequest { name: "t".into(), partitions: 1, config: Default::default() }).await?;
+    let (leader, addr, mut api) = create_topic_on_a_leader(&nodes, "t", 1).await?;
     let records = (0..5).map(|i| pb::Record { value: vec![i], ..Default::default() }).collect();
     api.produce(pb::ProduceRequest { topic: "t".into(), partition: Some(0), records, ..Default::default() }).await?;
 
