@@ -902,6 +902,8 @@ struct Work<'a> {
 struct PendingBatch<'a> {
     base: u64,
     parts: Vec<&'a RecordBatch>,
+    /// Records in the parts: the batch ends at `base + count`.
+    count: u64,
     /// Encoded size of the parts, against [`MERGED_BATCH_BYTES`].
     bytes: usize,
 }
@@ -1234,15 +1236,12 @@ impl<'a> Work<'a> {
             if let Some(full) = self.pending.remove(&(id, partition)) {
                 self.store_batch((id, partition), full)?;
             }
-            self.pending.insert((id, partition), PendingBatch { base, parts: Vec::new(), bytes: 0 });
+            self.pending.insert((id, partition), PendingBatch { base, parts: Vec::new(), count: 0, bytes: 0 });
         }
         if let Some(p) = self.pending.get_mut(&(id, partition)) {
-            debug_assert_eq!(
-                p.base + p.parts.iter().map(|b| u64::from(b.count())).sum::<u64>(),
-                base,
-                "a pending batch ends where the partition ends"
-            );
+            debug_assert_eq!(p.base + p.count, base, "a pending batch ends where the partition ends");
             p.parts.push(records);
+            p.count += u64::from(count);
             p.bytes += bytes;
         }
         let state = self.meta.partitions.entry((id, partition)).or_default();
