@@ -153,6 +153,53 @@ async fn t30_follower_down_past_a_purge_catches_up_by_streamed_snapshot() -> any
     Ok(())
 }
 
+/// A snapshot names batches in the leader's store rather than copying them; the store keeps what
+/// its snapshot names. Here a topic in the snapshot is deleted after it was taken, and the leader's
+/// reclaimer runs, before a lagging follower needs the snapshot: it must still arrive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t31_a_snapshot_streams_whole_after_a_topic_in_it_was_deleted() -> anyhow::Result<()> {
+    let raft = RaftConfig { snapshot_every: 20, logs_to_keep: 2, ..test_raft_config() };
+    let mut c =
+        InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() })
+            .await?;
+    let client = c.client().await?;
+    client.create_topic("keep", 1).await?;
+    client.create_topic("gone", 1).await?;
+    let leader = c.leader().await?;
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap_or(1);
+    c.crash(follower).await?;
+
+    let client = c.client().await?;
+    let mut acked = Acked::new();
+    produce_n(&client, "keep", 1, 0, 15, &mut acked).await?;
+    produce_n(&client, "gone", 1, 0, 15, &mut Acked::new()).await?;
+    let snap = wait::until("the leader to take a snapshot", Duration::from_secs(20), || async {
+        c.metrics(leader).ok()?.snapshot.filter(|s| s.index >= 15)
+    })
+    .await?;
+    // Fewer entries than `snapshot_every` from here on: that snapshot stays the one to send.
+    client.delete_topic("gone").await?;
+    produce_n(&client, "keep", 1, 15, 1, &mut acked).await?;
+    // The reclaimer runs every 500 ms; give it several turns at the deleted topic.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(c.metrics(leader)?.snapshot, Some(snap), "no newer snapshot was taken");
+
+    c.restart(follower).await?;
+    wait::until("the follower to install the snapshot", Duration::from_secs(30), || async {
+        c.metrics(follower).ok()?.snapshot.filter(|s| s.index >= snap.index)
+    })
+    .await?;
+    c.wait_identical("keep", 1, Duration::from_secs(30)).await?;
+    assert_has_all(&c, follower, "keep", 1, &acked).await?;
+    let follower_client = c.client_of(follower).await?;
+    wait::until("the follower to apply the deletion", Duration::from_secs(30), || async {
+        follower_client.describe_topic("gone").await.is_err().then_some(())
+    })
+    .await?;
+    c.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t40_membership_3_to_5_to_3_under_writes_loses_nothing() -> anyhow::Result<()> {
     let mut c = InProcessCluster::start(3).await?;

@@ -1,7 +1,8 @@
 //! Busbar's replication layer: the only crate that speaks openraft.
 //!
 //! It adapts the storage crate to openraft's traits ([`log_store::LogStore`] over the WAL,
-//! [`state_machine::StateMachine`] over the sled topic store, with snapshots as streamed files),
+//! [`state_machine::StateMachine`] over the sled topic store, with [`snapshot`]s held as manifests
+//! of the store and streamed from it),
 //! carries Raft messages between nodes over tonic ([`network`] is the client side,
 //! [`transport::RaftTransportService`] the server side), and opens a node ([`node::RaftNode`]).
 //! Keeping openraft behind this crate keeps a later move to openraft 0.10 local.
@@ -16,6 +17,7 @@ mod entry_cache;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
 pub mod types;

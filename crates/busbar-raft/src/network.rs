@@ -1,7 +1,7 @@
 //! The client side of the Raft transport: openraft's `RaftNetwork` over tonic.
 //!
 //! Raft messages are bincode-encoded openraft types inside `RaftRequest.payload`. Snapshots stream
-//! from their file in bounded chunks, never read whole into memory. A peer that cannot be reached
+//! from the store in bounded chunks, never read whole into memory. A peer that cannot be reached
 //! is reported as `Unreachable`, which makes openraft back off (see [`NetworkConnection::backoff`]).
 
 use std::collections::HashSet;
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use busbar_proto::raft::raft_transport_client::RaftTransportClient;
 use busbar_proto::raft::{RaftReply, RaftRequest, SnapshotChunk};
+use busbar_storage::StoreError;
 use busbar_types::NodeId;
 use openraft::error::{
     Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
@@ -19,10 +20,10 @@ use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::OptionalSend;
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncReadExt;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::codec;
+use crate::snapshot::SnapshotData;
 use crate::types::{BasicNode, Snapshot, TypeConfig, Vote};
 
 /// Largest message either side of the Raft transport accepts: AppendEntries batches of large
@@ -184,51 +185,52 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
         let net_err = |e: &dyn std::error::Error| NetworkError::new(&AnyErr(e.to_string()));
         let meta = codec::encode("snapshot meta", &(vote, snapshot.meta.clone())).map_err(|e| net_err(&e))?;
-        let path = snapshot.snapshot.path.clone();
-        let mut file = tokio::fs::File::open(&path).await.map_err(|e| net_err(&e))?;
-        let size = file.metadata().await.map_err(|e| net_err(&e))?.len();
+        let SnapshotData::Held { manifest, store } = *snapshot.snapshot else {
+            // Only installs see a received stream; openraft sends what `get_current_snapshot` gives.
+            return Err(StreamingError::Network(net_err(&AnyErr("a received snapshot stream is not sent on".into()))));
+        };
+        let size = manifest.batch_bytes();
         let mut client = self.client().map_err(StreamingError::Unreachable)?;
 
-        // A bounded channel: the reader stays at most two chunks ahead of the network.
+        // The store streams the snapshot into a bounded channel: the export stays at most two
+        // chunks ahead of the network, and stops when the call is dropped (the channel closes).
         let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotChunk>(2);
-        let reader = tokio::spawn(async move {
-            if tx.send(SnapshotChunk { meta, data: Vec::new(), done: size == 0 }).await.is_err() {
-                return Ok(());
-            }
-            let mut sent = 0u64;
-            while sent < size {
-                let mut buf = vec![0u8; SNAPSHOT_CHUNK.min((size - sent) as usize)];
-                file.read_exact(&mut buf).await?;
-                sent += buf.len() as u64;
-                if tx.send(SnapshotChunk { meta: Vec::new(), data: buf, done: sent == size }).await.is_err() {
-                    break;
-                }
-            }
-            Ok::<(), std::io::Error>(())
+        let runtime = tokio::runtime::Handle::current();
+        let exporter = tokio::task::spawn_blocking(move || {
+            let mut w = ChunkWriter { tx, buf: Vec::new(), runtime };
+            w.send(SnapshotChunk { meta, data: Vec::new(), done: false })
+                .map_err(|e| StoreError::io("send snapshot", e))?;
+            w.buf.reserve(SNAPSHOT_CHUNK);
+            let (_, w) = store.export_snapshot(&manifest, w)?;
+            w.finish()
         });
         // Generous but bounded: a minute plus a second per 4 MiB.
         let deadline = Duration::from_secs(60 + size / (4 << 20));
         let call = client.install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx));
         let reply = tokio::select! {
-            closed = cancel => {
-                reader.abort();
-                return Err(StreamingError::Closed(closed));
-            }
+            closed = cancel => return Err(StreamingError::Closed(closed)),
             r = tokio::time::timeout(deadline, call) => r,
         };
-        let reply = match reply {
-            Err(elapsed) => return Err(StreamingError::Network(net_err(&elapsed))),
-            Ok(Err(status)) => {
+        // The exporter ends once the call is over (its channel is closed); its own error says more
+        // than the broken stream the receiver saw (a snapshot whose data is gone, a corrupt batch).
+        let exported = exporter.await;
+        let export_err = match &exported {
+            Ok(Err(StoreError::Io { source, .. })) if source.kind() == std::io::ErrorKind::BrokenPipe => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Ok(())) => None,
+            Err(join) => Some(format!("snapshot export task: {join}")),
+        };
+        let reply = match (reply, export_err) {
+            (_, Some(e)) => return Err(StreamingError::Network(net_err(&AnyErr(e)))),
+            (Err(elapsed), None) => return Err(StreamingError::Network(net_err(&elapsed))),
+            (Ok(Err(status)), None) => {
                 return Err(match Self::status_to_rpc::<Fatal<NodeId>>(status) {
                     RPCError::Unreachable(u) => StreamingError::Unreachable(u),
                     other => StreamingError::Network(net_err(&other)),
                 })
             }
-            Ok(Ok(r)) => r.into_inner(),
+            (Ok(Ok(r)), None) => r.into_inner(),
         };
-        if let Ok(Err(e)) = reader.await {
-            return Err(StreamingError::Network(net_err(&e)));
-        }
         if !reply.error.is_empty() {
             let fatal: Fatal<NodeId> = codec::decode("snapshot error reply", &reply.error).map_err(|e| net_err(&e))?;
             return Err(StreamingError::RemoteError(RemoteError::new(self.target, fatal)));
@@ -241,6 +243,60 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         // comes back is found again within two seconds.
         Backoff::new((0u32..).map(|i| Duration::from_millis(100u64.saturating_mul(1 << i.min(5)).min(2000))))
     }
+}
+
+/// A `Write` that cuts a snapshot stream into [`SNAPSHOT_CHUNK`]-sized messages on a bounded
+/// channel, blocking while the network is behind. Runs on a blocking thread; a chunk the call has
+/// not taken within [`CHUNK_SEND_TIMEOUT`] ends the export (it holds reclaim off while it runs).
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<SnapshotChunk>,
+    buf: Vec<u8>,
+    runtime: tokio::runtime::Handle,
+}
+
+const CHUNK_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ChunkWriter {
+    fn send(&mut self, chunk: SnapshotChunk) -> std::io::Result<()> {
+        use tokio::sync::mpsc::error::SendTimeoutError;
+        match self.runtime.block_on(self.tx.send_timeout(chunk, CHUNK_SEND_TIMEOUT)) {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Closed(_)) => Err(closed_early()),
+            Err(SendTimeoutError::Timeout(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the snapshot call took no chunk for {CHUNK_SEND_TIMEOUT:?}"),
+            )),
+        }
+    }
+
+    fn send_buffered(&mut self, done: bool) -> std::io::Result<()> {
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(if done { 0 } else { SNAPSHOT_CHUNK }));
+        self.send(SnapshotChunk { meta: Vec::new(), data, done })
+    }
+
+    /// Sends what is left as the last chunk.
+    fn finish(mut self) -> Result<(), StoreError> {
+        self.send_buffered(true).map_err(|e| StoreError::io("send snapshot", e))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(SNAPSHOT_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= SNAPSHOT_CHUNK {
+            self.send_buffered(false)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn closed_early() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the snapshot call ended before the stream")
 }
 
 /// Carries an error's text where openraft wants an owned `Error`.

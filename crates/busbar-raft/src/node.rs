@@ -12,7 +12,8 @@ use openraft::{Config, SnapshotPolicy};
 use crate::apply_watchdog::{ApplyWatchdog, APPLY_STALL_LIMIT};
 use crate::log_store::LogStore;
 use crate::network::{NetworkFactory, Partitions};
-use crate::state_machine::{SnapshotDir, StateMachine};
+use crate::snapshot::SnapshotDir;
+use crate::state_machine::StateMachine;
 use crate::types::Raft;
 
 /// Raft timing and log-compaction settings. The defaults hold on a loaded 2-core machine and in

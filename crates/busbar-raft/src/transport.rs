@@ -7,7 +7,7 @@ use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec;
-use crate::state_machine::{SnapshotDir, SnapshotFile};
+use crate::snapshot::{SnapshotData, SnapshotDir};
 use crate::types::{Raft, Snapshot, SnapshotMeta, Vote};
 
 pub struct RaftTransportService {
@@ -59,10 +59,10 @@ impl RaftTransport for RaftTransportService {
             let _ = tokio::fs::remove_file(&path).await;
             return Err(e);
         }
-        let snapshot = Snapshot { meta, snapshot: Box::new(SnapshotFile { path: path.clone() }) };
+        let snapshot = Snapshot { meta, snapshot: Box::new(SnapshotData::Received { path: path.clone() }) };
         let res = self.raft.install_full_snapshot(vote, snapshot).await;
-        // Installed snapshots are moved away by the state machine; one that was refused (older
-        // vote, or already have it) is still here.
+        // An installed stream is deleted by the state machine; one that was refused (older vote, or
+        // already have it) is still here.
         let _ = tokio::fs::remove_file(&path).await;
         reply(res)
     }

@@ -3,17 +3,18 @@
 use busbar_types::{Command, CommandResponse, NodeId};
 pub use openraft::BasicNode;
 
-use crate::state_machine::SnapshotFile;
+use crate::snapshot::SnapshotData;
 
 openraft::declare_raft_types!(
-    /// Busbar's Raft types: application entries are [`Command`]s, snapshots are files on disk.
+    /// Busbar's Raft types: application entries are [`Command`]s, snapshots are manifests of the
+    /// store ([`SnapshotData`]).
     pub TypeConfig:
         D = Command,
         R = CommandResponse,
         NodeId = NodeId,
         Node = BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = SnapshotFile,
+        SnapshotData = SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -2,7 +2,8 @@
 //! the segment-file WAL as the log store and the sled topic store as the state machine.
 
 use busbar_raft::log_store::LogStore;
-use busbar_raft::state_machine::{SnapshotDir, StateMachine};
+use busbar_raft::snapshot::SnapshotDir;
+use busbar_raft::state_machine::StateMachine;
 use busbar_raft::TypeConfig;
 use busbar_storage::wal::{Wal, WalOptions};
 use busbar_storage::{TopicStore, TopicStoreOptions};

@@ -58,7 +58,7 @@ pub fn from_store(e: StoreError) -> ApiError {
             tracing::error!(error = %e, "corrupt data detected; refusing to serve it");
             ApiError::new(ErrorCode::CorruptMessage, e.to_string())
         }
-        StoreError::Sled(_) | StoreError::Io { .. } => {
+        StoreError::Sled(_) | StoreError::Io { .. } | StoreError::SnapshotUnavailable(_) => {
             tracing::error!(error = %e, "storage error");
             ApiError::new(ErrorCode::KafkaStorageError, e.to_string())
         }

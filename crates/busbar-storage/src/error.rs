@@ -13,6 +13,10 @@ pub enum StoreError {
     Corrupt { what: String, reason: String },
     #[error("corrupt snapshot file {path}: {reason}")]
     CorruptSnapshot { path: PathBuf, reason: String },
+    /// A snapshot manifest whose batches this store no longer holds (a newer snapshot was pinned and
+    /// reclaim ran, or a snapshot was installed since). Not corruption: the caller takes the newest.
+    #[error("snapshot no longer available: {0}")]
+    SnapshotUnavailable(String),
     #[error("unknown topic or partition: {topic}/{partition}")]
     UnknownTopicOrPartition { topic: String, partition: u32 },
     #[error("offset {requested} is out of range for {topic}/{partition}: valid offsets are {start}..={end}")]

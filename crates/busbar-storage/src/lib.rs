@@ -4,6 +4,7 @@
 //!   fdatasync. Stores opaque entries; the replication layer decides what they contain.
 //! - [`topic_store`]: the state machine's data in sled — topics, partitions, record batches — and the
 //!   deterministic apply of [`busbar_types::Command`]s to it, plus streamed snapshot export/import.
+//! - [`snapshot_manifest`]: a snapshot held as the metadata naming batches already in the store.
 //! - [`checked`]: the crc32 envelope every stored value carries.
 //!
 //! `docs/storage.md` says what is durable when; read it before changing a write path.
@@ -15,10 +16,12 @@ pub mod error;
 pub mod group_assign;
 pub mod groups;
 pub mod snapshot_file;
+pub mod snapshot_manifest;
 pub mod topic_store;
 pub mod wal;
 
 pub use error::StoreError;
+pub use snapshot_manifest::SnapshotManifest;
 pub use topic_store::{
     FetchResult, GroupPartitionView, GroupView, MemberView, PartitionOffsets, TopicInfo, TopicStore, TopicStoreOptions,
 };

@@ -34,6 +34,7 @@ use sled::Transactional;
 
 use crate::groups::{GroupState, Topics};
 use crate::snapshot_file::{FrameKind, FrameReader, FrameWriter};
+use crate::snapshot_manifest::{Pin, SnapshotHeader, SnapshotManifest};
 use crate::{batch, checked, durable, StoreError};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +67,7 @@ pub struct ProducerState {
 }
 
 /// (producer id, topic id, partition)
-type ProducerKey = (u64, u32, u32);
+pub(crate) type ProducerKey = (u64, u32, u32);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicInfo {
@@ -184,6 +185,10 @@ struct Inner {
     /// Exports hold it shared; physical deletion (reclaim, dropping an old generation) takes it
     /// exclusively and skips its turn when an export runs.
     export_guard: RwLock<()>,
+    /// What the newest snapshot manifest names, which reclaim keeps (see `snapshot_manifest`). Set
+    /// by capture and import under `apply_lock`; reclaim holds it for its whole (bounded) turn, so a
+    /// capture never lands between reclaim reading the start offsets and deleting below them.
+    pin: Mutex<Option<Pin>>,
     /// Generations replaced by a snapshot install, waiting to be dropped.
     retired: Mutex<Vec<u64>>,
     /// Idempotent producers' recent batches. Only apply reads and writes them (under `apply_lock`),
@@ -241,23 +246,9 @@ fn lock_err<T>(_: T) -> StoreError {
     StoreError::corrupt("topic store lock", "a thread panicked while holding it")
 }
 
-/// Snapshot header: everything of the state machine except the record batches.
-#[derive(Serialize, Deserialize)]
-struct SnapshotHeader {
-    applied: Option<Vec<u8>>,
-    next_topic_id: u32,
-    next_producer_id: u64,
-    topics: Vec<TopicMeta>,
-    partitions: Vec<(u32, u32, PartitionState)>,
-    producers: Vec<(ProducerKey, ProducerState)>,
-    groups: Vec<(String, GroupState)>,
-}
-
 /// What an export wrote.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct ExportSummary {
-    /// The applied position the snapshot is at (the opaque bytes given to `apply`).
-    pub applied: Option<Bytes>,
     pub batches: u64,
     pub bytes: u64,
 }
@@ -292,6 +283,7 @@ impl TopicStore {
                 current: RwLock::new(Current { generation, meta: Arc::new(meta) }),
                 apply_lock: Mutex::new(()),
                 export_guard: RwLock::new(()),
+                pin: Mutex::new(None),
                 retired: Mutex::new(Vec::new()),
                 producers: Mutex::new(producers),
                 groups: RwLock::new(groups),
@@ -500,60 +492,108 @@ impl TopicStore {
         durable::fsync_tree(&self.inner.path)
     }
 
-    /// Streams a point-in-time snapshot of the store into `w`: the metadata as of the last applied
-    /// entry at the moment of the call, and every batch below each partition's end offset then.
-    /// Applies may continue meanwhile; they only add batches beyond those end offsets.
-    pub fn export_snapshot<W: Write>(&self, w: W) -> Result<(ExportSummary, W), StoreError> {
-        let _reading = self.inner.export_guard.read().map_err(lock_err)?;
-        // The metadata and the producer states of one and the same applied position: taken together
-        // while no apply runs.
-        let (cur, producers) = {
-            let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
-            let producers: Vec<_> =
-                self.inner.producers.lock().map_err(lock_err)?.iter().map(|(k, v)| (*k, v.clone())).collect();
-            let groups: Vec<_> =
-                self.inner.groups.read().map_err(lock_err)?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            (self.current()?, (producers, groups))
-        };
-        let (producers, groups) = producers;
+    /// Takes a snapshot of the store at its last applied position, as a manifest naming the batches
+    /// rather than a copy of them, and pins it: from now on reclaim keeps every batch it names. Cheap
+    /// (metadata only); appends may continue as soon as it returns.
+    pub fn capture_snapshot(&self) -> Result<SnapshotManifest, StoreError> {
+        // The metadata, producer and group states of one and the same applied position: taken
+        // together while no apply runs.
+        let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
+        let cur = self.current()?;
+        let producers: Vec<_> =
+            self.inner.producers.lock().map_err(lock_err)?.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let groups: Vec<_> =
+            self.inner.groups.read().map_err(lock_err)?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let meta = &cur.meta;
+        let mut partitions: Vec<_> = meta.partitions.iter().map(|(&(t, p), s)| (t, p, *s)).collect();
+        partitions.sort_by_key(|(t, p, _)| (*t, *p));
         let header = SnapshotHeader {
             applied: meta.applied.as_ref().map(|b| b.to_vec()),
             next_topic_id: meta.next_topic_id,
             next_producer_id: meta.next_producer_id,
             topics: meta.topics.values().cloned().collect(),
-            partitions: meta.partitions.iter().map(|(&(t, p), s)| (t, p, *s)).collect(),
+            partitions,
             producers,
             groups,
         };
-        let header = bincode::serialize(&header).map_err(|e| StoreError::corrupt("snapshot header", e.to_string()))?;
+        let manifest = SnapshotManifest::new(cur.generation.id, &header)?;
+        self.pin_snapshot(&manifest)?;
+        Ok(manifest)
+    }
+
+    /// Pins a manifest this store made before (by capture or import): reclaim keeps what it names.
+    /// Called when a node reopens its store and its newest manifest. A manifest of another
+    /// generation is refused: this store no longer holds its data.
+    pub fn pin_snapshot(&self, manifest: &SnapshotManifest) -> Result<(), StoreError> {
+        let generation = self.current()?.generation.id;
+        if manifest.generation() != generation {
+            return Err(StoreError::SnapshotUnavailable(format!(
+                "it names generation {} of the store, which is at generation {generation}",
+                manifest.generation()
+            )));
+        }
+        let pin = Pin::of(manifest)?;
+        *self.inner.pin.lock().map_err(lock_err)? = Some(pin);
+        Ok(())
+    }
+
+    /// Streams the snapshot `manifest` names into `w` (the format of [`crate::snapshot_file`]): its
+    /// metadata, then every batch of each partition in `start_offset..end_offset` at its index, each
+    /// verified before it is sent. Applies may continue meanwhile; they only add batches beyond those
+    /// end offsets. Fails with [`StoreError::SnapshotUnavailable`] if the store no longer holds the
+    /// batches (a newer snapshot was pinned and reclaim ran, or a snapshot was installed since).
+    pub fn export_snapshot<W: Write>(
+        &self,
+        manifest: &SnapshotManifest,
+        w: W,
+    ) -> Result<(ExportSummary, W), StoreError> {
+        let _reading = self.inner.export_guard.read().map_err(lock_err)?;
+        let cur = self.current()?;
+        if cur.generation.id != manifest.generation() {
+            return Err(StoreError::SnapshotUnavailable(format!(
+                "it names generation {} of the store, which is at generation {}",
+                manifest.generation(),
+                cur.generation.id
+            )));
+        }
+        let header = SnapshotHeader::decode(manifest.header_bytes())?;
         let io_err = |e| StoreError::io("write snapshot", e);
         let mut fw = FrameWriter::new(w).map_err(io_err)?;
-        fw.frame(FrameKind::Header, &[&header]).map_err(io_err)?;
+        fw.frame(FrameKind::Header, &[manifest.header_bytes()]).map_err(io_err)?;
         let mut batches = 0u64;
-        let mut parts: Vec<_> = meta.partitions.iter().collect();
-        parts.sort_by_key(|(k, _)| **k);
-        for (&(topic_id, partition), state) in parts {
+        for (topic_id, partition, state) in &header.partitions {
+            let (topic_id, partition) = (*topic_id, *partition);
             // From the start offset: batches below it (retention) may still be on disk, unreclaimed.
             let range =
                 batch::key(topic_id, partition, state.start_offset)..batch::key(topic_id, partition, state.end_offset);
+            let mut bytes = 0u64;
             for kv in cur.generation.records.range(range) {
                 let (k, v) = kv?;
                 // Verify before shipping: a corrupt batch must stop the snapshot, not spread.
                 batch::decode(&|| format!("batch {topic_id}/{partition} key {k:?}"), &v)?;
                 fw.frame(FrameKind::Batch, &[&k, &v]).map_err(io_err)?;
+                bytes += v.len() as u64;
                 batches += 1;
+            }
+            // The partition's byte count at the snapshot's index is exactly the size of its batches
+            // then: any shortfall is a batch deleted since, and a follower must not install a hole.
+            if bytes != state.bytes {
+                return Err(StoreError::SnapshotUnavailable(format!(
+                    "partition {topic_id}/{partition} holds {bytes} of the snapshot's {} bytes",
+                    state.bytes
+                )));
             }
         }
         fw.frame(FrameKind::End, &[&batches.to_le_bytes()]).map_err(io_err)?;
         let bytes = fw.bytes;
-        Ok((ExportSummary { applied: meta.applied.clone(), batches, bytes }, fw.into_inner()))
+        Ok((ExportSummary { batches, bytes }, fw.into_inner()))
     }
 
-    /// Replaces the whole store with the snapshot read from `r`, atomically: the snapshot is written
-    /// into a fresh generation of trees, made durable, and only then made current. A snapshot that
-    /// fails its checks leaves the store as it was. Returns the snapshot's applied position.
-    pub fn import_snapshot<R: Read>(&self, r: R, what: &str) -> Result<Option<Bytes>, StoreError> {
+    /// Replaces the whole store with the snapshot stream read from `r`, atomically: the snapshot is
+    /// written into a fresh generation of trees, made durable, and only then made current. A snapshot
+    /// that fails its checks leaves the store as it was. Returns the installed snapshot as a
+    /// manifest of this store, pinned.
+    pub fn import_snapshot<R: Read>(&self, r: R, what: &str) -> Result<SnapshotManifest, StoreError> {
         let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
         let old = self.current()?;
         let new_id = old.generation.id + 1;
@@ -562,10 +602,13 @@ impl TopicStore {
         self.inner.db.drop_tree(rec.as_bytes())?;
         let gen = open_generation(&self.inner.db, new_id)?;
         let filled = fill_generation(&gen, r, what);
-        let loaded = filled.and_then(|()| {
-            Ok((load_meta(&gen.meta_tree)?, (load_producers(&gen.meta_tree)?, load_groups(&gen.meta_tree)?)))
+        let loaded = filled.and_then(|header| {
+            let manifest = SnapshotManifest::new(new_id, &header)?;
+            let pin = Pin::of(&manifest)?;
+            let state = (load_meta(&gen.meta_tree)?, (load_producers(&gen.meta_tree)?, load_groups(&gen.meta_tree)?));
+            Ok((manifest, pin, state))
         });
-        let (meta, (producers, groups)) = match loaded {
+        let (manifest, pin, (meta, (producers, groups))) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
                 let _ = self.inner.db.drop_tree(m.as_bytes());
@@ -576,17 +619,18 @@ impl TopicStore {
         self.flush_durable()?;
         self.inner.db.insert(GENERATION_KEY, checked::seal_bincode("generation", &new_id)?)?;
         self.flush_durable()?;
-        let applied = meta.applied.clone();
         *self.inner.current.write().map_err(lock_err)? = Current { generation: gen, meta: Arc::new(meta) };
         *self.inner.producers.lock().map_err(lock_err)? = producers;
         *self.inner.groups.write().map_err(lock_err)? = groups;
+        *self.inner.pin.lock().map_err(lock_err)? = Some(pin);
         self.inner.retired.lock().map_err(lock_err)?.push(old.generation.id);
-        Ok(applied)
+        Ok(manifest)
     }
 
-    /// Physically deletes data nothing can reach any more: batches of deleted topics (at most
-    /// `max_keys` per call, so one call is bounded) and generations replaced by a snapshot install.
-    /// Skips its turn while a snapshot export is reading. Returns how many keys it deleted.
+    /// Physically deletes data nothing can reach any more: batches of deleted topics and below each
+    /// partition's start offset (at most `max_keys` per call, so one call is bounded), and
+    /// generations replaced by a snapshot install. Keeps what the pinned snapshot manifest names, and
+    /// skips its turn while a snapshot export is reading. Returns how many keys it deleted.
     pub fn reclaim(&self, max_keys: usize) -> Result<usize, StoreError> {
         let Ok(_exclusive) = self.inner.export_guard.try_write() else {
             return Ok(0);
@@ -597,14 +641,20 @@ impl TopicStore {
             self.inner.db.drop_tree(m.as_bytes())?;
             self.inner.db.drop_tree(r.as_bytes())?;
         }
+        let pin_guard = self.inner.pin.lock().map_err(lock_err)?;
+        let pin = pin_guard.clone().unwrap_or_default();
         let cur = self.current()?;
         let mut deleted = 0;
         // Whole deleted topics, then partition prefixes dropped by retention. Each marker is removed
-        // once nothing it covers is left.
+        // once nothing it covers is left; one whose data the pinned snapshot still names stays, and
+        // a later turn (after the next snapshot) finishes it.
         for kv in cur.generation.meta_tree.scan_prefix(b"reclaim/") {
             let (k, _) = kv?;
             let Some(id_bytes) = k.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok()) else { continue };
             let topic_id = u32::from_be_bytes(id_bytes);
+            if pin.holds_topic(topic_id) {
+                continue;
+            }
             let records = cur.generation.records.scan_prefix(topic_id.to_be_bytes());
             if !delete_bounded(&cur.generation.records, records, max_keys, &mut deleted)? {
                 return Ok(deleted);
@@ -618,13 +668,18 @@ impl TopicStore {
             let p = u32::from_be_bytes(p.try_into().unwrap_or_default());
             // A deleted topic's partition is gone from the metadata: the topic's own reclaim covers it.
             if let Some(start) = cur.meta.partitions.get(&(t, p)).map(|s| s.start_offset) {
-                let records = cur.generation.records.range(batch::key(t, p, 0)..batch::key(t, p, start));
+                let floor = pin.floor(t, p, start);
+                let records = cur.generation.records.range(batch::key(t, p, 0)..batch::key(t, p, floor));
                 if !delete_bounded(&cur.generation.records, records, max_keys, &mut deleted)? {
                     return Ok(deleted);
+                }
+                if floor < start {
+                    continue;
                 }
             }
             cur.generation.meta_tree.remove(&k)?;
         }
+        drop(pin_guard);
         Ok(deleted)
     }
 
@@ -1261,12 +1316,12 @@ impl<'a> Work<'a> {
 }
 
 /// Writes a snapshot stream into an empty generation, checking every frame.
-fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<(), StoreError> {
+fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<SnapshotHeader, StoreError> {
     const FLUSH_EVERY: usize = 1024;
     let mut reader = FrameReader::new(r, what)?;
     let header: SnapshotHeader = match reader.next_frame()? {
         Some((FrameKind::Header, body)) => {
-            bincode::deserialize(&body).map_err(|e| reader.bad(format!("header: {e}")))?
+            SnapshotHeader::decode(&body).map_err(|e| reader.bad(format!("header: {e}")))?
         }
         _ => return Err(reader.bad("the first frame is not a header".into())),
     };
@@ -1315,7 +1370,7 @@ fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<(), St
                     return Err(reader.bad(format!("end frame says {expected:?} batches, stream had {count}")));
                 }
                 gen.records.apply_batch(batch)?;
-                return Ok(());
+                return Ok(header);
             }
             Some((FrameKind::Header, _)) => return Err(reader.bad("second header frame".into())),
             None => return Err(reader.bad("stream ended before its end frame".into())),
@@ -1464,11 +1519,13 @@ mod tests {
         let other = Command::CreateTopic { name: name("other"), partitions: 1, config: TopicConfig::default() };
         b.apply(&[Some(&other)], Bytes::from_static(b"z")).unwrap();
 
-        let (summary, buf) = a.export_snapshot(Vec::new()).unwrap();
+        let manifest = a.capture_snapshot().unwrap();
+        assert_eq!(manifest.applied(), Some(Bytes::from(vec![49])));
+        produce(&a, "t", 0, &["after"], 99); // not in the snapshot, although streamed after it
+        let (summary, buf) = a.export_snapshot(&manifest, Vec::new()).unwrap();
         assert_eq!(summary.batches, 50);
-        produce(&a, "t", 0, &["after"], 99); // not in the snapshot
-        let applied = b.import_snapshot(&buf[..], "test").unwrap();
-        assert_eq!(applied, Some(Bytes::from(vec![49])));
+        let installed = b.import_snapshot(&buf[..], "test").unwrap();
+        assert_eq!(installed.applied(), Some(Bytes::from(vec![49])));
         assert!(b.topic("other").unwrap().is_none());
         let offs = b.partition_offsets("t").unwrap();
         assert_eq!(offs.iter().map(|p| p.end_offset).collect::<Vec<_>>(), vec![34, 34, 32]);
@@ -1487,7 +1544,8 @@ mod tests {
         let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         a.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         produce(&a, "t", 0, &["hello"], 2);
-        let (_, mut buf) = a.export_snapshot(Vec::new()).unwrap();
+        let manifest = a.capture_snapshot().unwrap();
+        let (_, mut buf) = a.export_snapshot(&manifest, Vec::new()).unwrap();
         let n = buf.len();
         buf[n - 20] ^= 0x40;
         let b_dir = tempfile::tempdir().unwrap();
@@ -1495,7 +1553,7 @@ mod tests {
         assert!(b.import_snapshot(&buf[..], "bad").is_err());
         assert!(b.list_topics().unwrap().is_empty());
         // Cut short: also rejected.
-        let (_, buf) = a.export_snapshot(Vec::new()).unwrap();
+        let (_, buf) = a.export_snapshot(&manifest, Vec::new()).unwrap();
         assert!(b.import_snapshot(&buf[..buf.len() - 5], "short").is_err());
     }
 
@@ -1636,7 +1694,7 @@ mod tests {
             idem(&a, "t", 0, pid, 1, "v1"),
             CommandResponse::Produced { base_offset: 1, count: 1, duplicate: true }
         );
-        let (_, buf) = a.export_snapshot(Vec::new()).unwrap();
+        let (_, buf) = a.export_snapshot(&a.capture_snapshot().unwrap(), Vec::new()).unwrap();
         let b = TopicStore::open(b_dir.path(), &TopicStoreOptions::default()).unwrap();
         b.import_snapshot(&buf[..], "snap").unwrap();
         assert_eq!(
@@ -1721,8 +1779,54 @@ mod tests {
         assert!(matches!(truncate(&store, 100), CommandResponse::Rejected { code: ErrorCode::OffsetOutOfRange, .. }));
         // The dropped batches are deleted from sled by reclaim, and a snapshot starts at the start.
         assert_eq!(store.reclaim(100).unwrap(), 2);
-        let (summary, _) = store.export_snapshot(Vec::new()).unwrap();
+        let (summary, _) = store.export_snapshot(&store.capture_snapshot().unwrap(), Vec::new()).unwrap();
         assert_eq!(summary.batches, 1);
+    }
+
+    #[test]
+    fn a_snapshot_manifest_keeps_its_batches_until_a_newer_one_is_pinned() {
+        let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let [a, b, c] = [0, 1, 2].map(|i| TopicStore::open(dirs[i].path(), &TopicStoreOptions::default()).unwrap());
+        let create = |n: &str| Command::CreateTopic { name: name(n), partitions: 1, config: TopicConfig::default() };
+        a.apply(&[Some(&create("r")), Some(&create("gone"))], Bytes::from_static(b"1")).unwrap();
+        produce_at(&a, 1_000, 3); // 0..3
+        produce_at(&a, 2_000, 2); // 3..5
+        produce_at(&a, 3_000, 4); // 5..9
+        produce(&a, "gone", 0, &["g"], 2);
+        let m1 = a.capture_snapshot().unwrap();
+
+        // After the snapshot: retention drops two batches, a topic is deleted, more is appended.
+        assert_eq!(truncate(&a, 5), CommandResponse::PrefixTruncated { start_offset: 5 });
+        let delete = Command::DeleteTopic { name: name("gone") };
+        a.apply(&[Some(&delete)], Bytes::from_static(b"3")).unwrap();
+        produce_at(&a, 4_000, 1); // 9..10
+        assert_eq!(a.reclaim(1000).unwrap(), 0, "everything dropped since is named by the pinned snapshot");
+
+        // So the snapshot still streams whole, at its own index.
+        let (summary, buf) = a.export_snapshot(&m1, Vec::new()).unwrap();
+        assert_eq!(summary.batches, 4);
+        let b_before = b.capture_snapshot().unwrap();
+        let installed = b.import_snapshot(&buf[..], "m1").unwrap();
+        assert_eq!(installed.applied(), m1.applied());
+        let r = b.read("r", 0, 0, 100, 1 << 20).unwrap();
+        assert_eq!((r.records.len(), r.end_offset), (9, 9));
+        assert_eq!(b.read("gone", 0, 0, 10, 1 << 20).unwrap().records.len(), 1);
+        // b's manifest from before the install names a generation it no longer has.
+        assert!(matches!(b.export_snapshot(&b_before, Vec::new()), Err(StoreError::SnapshotUnavailable(_))));
+        assert!(matches!(b.pin_snapshot(&b_before), Err(StoreError::SnapshotUnavailable(_))));
+        assert!(b.export_snapshot(&installed, Vec::new()).is_ok(), "the installed snapshot streams on");
+
+        // A newer snapshot releases them; the old manifest is then refused, never streamed with holes.
+        let m2 = a.capture_snapshot().unwrap();
+        assert_eq!(a.reclaim(1000).unwrap(), 3, "two retained-out batches and the deleted topic's one");
+        assert_eq!(a.reclaim(1000).unwrap(), 0);
+        assert!(matches!(a.export_snapshot(&m1, Vec::new()), Err(StoreError::SnapshotUnavailable(_))));
+        let (summary, buf) = a.export_snapshot(&m2, Vec::new()).unwrap();
+        assert_eq!(summary.batches, 2);
+        c.import_snapshot(&buf[..], "m2").unwrap();
+        let offs = &c.partition_offsets("r").unwrap()[0];
+        assert_eq!((offs.start_offset, offs.end_offset), (5, 10));
+        assert!(c.topic("gone").unwrap().is_none());
     }
 
     /// Every stored batch of a store: (key, value) in key order.
