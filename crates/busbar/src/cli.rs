@@ -130,8 +130,9 @@ pub struct ServerArgs {
     pub election_timeout_min_ms: u64,
     #[arg(long, env = "BUSBAR_ELECTION_TIMEOUT_MAX_MS", default_value_t = 2000)]
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many applied log entries.
-    #[arg(long, env = "BUSBAR_SNAPSHOT_EVERY", default_value_t = 20_000)]
+    /// Build a snapshot after this many applied log entries. A snapshot is cheap (metadata and an
+    /// fsync of the store; docs/storage.md); the log on disk is at most this plus --logs-to-keep.
+    #[arg(long, env = "BUSBAR_SNAPSHOT_EVERY", default_value_t = 2_000)]
     pub snapshot_every: u64,
     /// Log entries kept below a snapshot (lagging followers catch up from them).
     #[arg(long, env = "BUSBAR_LOGS_TO_KEEP", default_value_t = 5_000)]
