@@ -3,6 +3,8 @@
 # data directory size: what docs/benchmarks.md "Memory and disk over a long run" comes from.
 #
 #   bash benches/soak.sh target/release/busbar 420
+#   BUSBAR_SNAPSHOT_EVERY=20000 bash benches/soak.sh target/release/busbar 420   # any server flag's
+#                                                          # BUSBAR_* variable reaches the nodes
 #
 # Needs target/release/busbar-load (cargo build --release -p busbar-benches --bin busbar-load).
 set -u
