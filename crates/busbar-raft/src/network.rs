@@ -221,7 +221,9 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
             Err(join) => Some(format!("snapshot export task: {join}")),
         };
         let reply = match (reply, export_err) {
-            (_, Some(e)) => return Err(StreamingError::Network(net_err(&AnyErr(e)))),
+            // Reported as unreachable so that openraft backs off before it tries again (by then
+            // with the current snapshot, if this one was replaced), rather than re-sending at once.
+            (_, Some(e)) => return Err(StreamingError::Unreachable(Unreachable::new(&AnyErr(e)))),
             (Err(elapsed), None) => return Err(StreamingError::Network(net_err(&elapsed))),
             (Ok(Err(status)), None) => {
                 return Err(match Self::status_to_rpc::<Fatal<NodeId>>(status) {

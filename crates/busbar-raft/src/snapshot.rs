@@ -14,7 +14,7 @@
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use busbar_storage::{checked, durable, SnapshotManifest, StoreError, TopicStore};
 use bytes::Bytes;
@@ -67,6 +67,9 @@ fn applied_of(manifest: &SnapshotManifest) -> Result<AppliedState, StoreError> {
 pub struct SnapshotDir {
     dir: PathBuf,
     nonce: Arc<AtomicU64>,
+    /// A build and an install may finish at once (openraft runs builds beside the state machine):
+    /// one publish at a time, and never an older snapshot over a newer one.
+    publishing: Arc<Mutex<()>>,
 }
 
 const CURRENT: &str = "current.snapshot";
@@ -89,7 +92,7 @@ impl SnapshotDir {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        Ok(Self { dir: dir.to_path_buf(), nonce: Arc::new(AtomicU64::new(seed)) })
+        Ok(Self { dir: dir.to_path_buf(), nonce: Arc::new(AtomicU64::new(seed)), publishing: Arc::default() })
     }
 
     fn next_nonce(&self) -> u64 {
@@ -111,13 +114,22 @@ impl SnapshotDir {
         Ok(Some(checked::open_bincode(&|| path.display().to_string(), &bytes)?))
     }
 
-    /// Makes `manifest` the current snapshot, durably (write, fsync, rename, fsync the directory).
-    fn publish(&self, meta: &SnapshotMeta, manifest: &SnapshotManifest) -> Result<(), StoreError> {
+    /// Makes `manifest` the current snapshot, durably (write, fsync, rename, fsync the directory),
+    /// unless the current one is newer (an install that finished while a build ran): returns whether
+    /// it did.
+    fn publish(&self, meta: &SnapshotMeta, manifest: &SnapshotManifest) -> Result<bool, StoreError> {
+        let _one = self.publishing.lock().map_err(|_| StoreError::corrupt("snapshot dir lock", "poisoned"))?;
+        if let Ok(Some((current, _))) = self.current() {
+            if current.last_log_id > meta.last_log_id {
+                return Ok(false);
+            }
+        }
         let tmp = self.dir.join(format!("{CURRENT}.{}.tmp", self.next_nonce()));
         let sealed = checked::seal_bincode("snapshot manifest", &(meta, manifest))?;
         write_synced(&tmp, &sealed)?;
         std::fs::rename(&tmp, self.dir.join(CURRENT)).map_err(|e| StoreError::io(format!("rename {CURRENT}"), e))?;
-        durable::fsync_path(&self.dir)
+        durable::fsync_path(&self.dir)?;
+        Ok(true)
     }
 }
 
@@ -144,8 +156,16 @@ pub(crate) fn build(store: &TopicStore, snapshots: &SnapshotDir) -> Result<Snaps
         None => format!("0-0-0-{}", snapshots.next_nonce()),
     };
     let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership, snapshot_id: id };
-    snapshots.publish(&meta, &manifest)?;
-    tracing::info!(snapshot = %meta.snapshot_id, batch_bytes = manifest.batch_bytes(), "built snapshot");
+    if snapshots.publish(&meta, &manifest)? {
+        // Only now may reclaim drop what the previous snapshot named. An install may have replaced
+        // the store since the publish; then its own manifest is pinned and this one is refused.
+        if let Err(e) = store.pin_snapshot(&manifest) {
+            tracing::info!(error = %e, "a snapshot installed meanwhile replaces the one just built");
+        }
+        tracing::info!(snapshot = %meta.snapshot_id, batch_bytes = manifest.batch_bytes(), "built snapshot");
+    } else {
+        tracing::info!(snapshot = %meta.snapshot_id, "built snapshot not published: a newer one was installed meanwhile");
+    }
     Ok(held(meta, manifest, store))
 }
 
@@ -160,6 +180,10 @@ pub(crate) fn reopen(store: &TopicStore, snapshots: &SnapshotDir) -> Result<(), 
             Ok(()) => return Ok(()),
             Err(StoreError::SnapshotUnavailable(reason)) => {
                 tracing::warn!(%reason, "the current snapshot's data is gone; taking a new snapshot");
+                true
+            }
+            Err(e @ StoreError::Corrupt { .. }) => {
+                tracing::error!(error = %e, "the current snapshot's manifest is damaged; taking a new snapshot");
                 true
             }
             Err(e) => return Err(e),
@@ -225,6 +249,7 @@ fn install_file(
             reason: format!("its data is at {:?} but its metadata says {:?}", applied.last_applied, meta.last_log_id),
         });
     }
+    // Nothing newer can be current: openraft installs only a snapshot beyond what is applied.
     snapshots.publish(meta, &manifest)?;
     tracing::info!(snapshot = %meta.snapshot_id, bytes, "installed snapshot");
     Ok(applied)

@@ -102,6 +102,16 @@ impl Pin {
         })
     }
 
+    /// Keeps what either pin keeps: while a new snapshot is being published, the one still published
+    /// stays pinned too (a crash before the publish reopens it).
+    pub fn merged(mut self, other: Pin) -> Pin {
+        for (k, start) in other.starts {
+            self.starts.entry(k).and_modify(|s| *s = (*s).min(start)).or_insert(start);
+        }
+        self.topics.extend(other.topics);
+        self
+    }
+
     /// Batches of a partition below this offset may be deleted; `start_now` is its start offset now.
     pub fn floor(&self, topic_id: u32, partition: u32, start_now: u64) -> u64 {
         self.starts.get(&(topic_id, partition)).map_or(start_now, |s| start_now.min(*s))

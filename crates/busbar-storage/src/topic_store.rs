@@ -185,9 +185,9 @@ struct Inner {
     /// Exports hold it shared; physical deletion (reclaim, dropping an old generation) takes it
     /// exclusively and skips its turn when an export runs.
     export_guard: RwLock<()>,
-    /// What the newest snapshot manifest names, which reclaim keeps (see `snapshot_manifest`). Set
-    /// by capture and import under `apply_lock`; reclaim holds it for its whole (bounded) turn, so a
-    /// capture never lands between reclaim reading the start offsets and deleting below them.
+    /// What the published snapshot manifest names and, while a new one is being published, that one
+    /// too: reclaim keeps it (see `snapshot_manifest`). Reclaim reads the state before the pin, so a
+    /// capture after its read names nothing below the start offsets it read.
     pin: Mutex<Option<Pin>>,
     /// Generations replaced by a snapshot install, waiting to be dropped.
     retired: Mutex<Vec<u64>>,
@@ -325,6 +325,7 @@ impl TopicStore {
             group_offsets_moved: 0,
             meta_batch: sled::Batch::default(),
             records_batch: sled::Batch::default(),
+            staged: BTreeMap::new(),
             pending: BTreeMap::new(),
         };
         let mut responses = Vec::with_capacity(commands.len());
@@ -517,13 +518,19 @@ impl TopicStore {
             groups,
         };
         let manifest = SnapshotManifest::new(cur.generation.id, &header)?;
-        self.pin_snapshot(&manifest)?;
+        let pin = Pin::of(&manifest)?;
+        let mut pinned = self.inner.pin.lock().map_err(lock_err)?;
+        *pinned = Some(match pinned.take() {
+            Some(published) => published.merged(pin),
+            None => pin,
+        });
         Ok(manifest)
     }
 
-    /// Pins a manifest this store made before (by capture or import): reclaim keeps what it names.
-    /// Called when a node reopens its store and its newest manifest. A manifest of another
-    /// generation is refused: this store no longer holds its data.
+    /// Pins exactly `manifest`, one this store made (by capture or import): reclaim keeps what it
+    /// names and no longer what earlier manifests named. Called once a captured manifest is
+    /// published, and when a node reopens its store and its published manifest. A manifest of
+    /// another generation is refused: this store no longer holds its data.
     pub fn pin_snapshot(&self, manifest: &SnapshotManifest) -> Result<(), StoreError> {
         let generation = self.current()?.generation.id;
         if manifest.generation() != generation {
@@ -566,22 +573,23 @@ impl TopicStore {
             // From the start offset: batches below it (retention) may still be on disk, unreclaimed.
             let range =
                 batch::key(topic_id, partition, state.start_offset)..batch::key(topic_id, partition, state.end_offset);
-            let mut bytes = 0u64;
+            // The batches must cover start..end exactly: a batch deleted since (the manifest is no
+            // longer pinned) would be a hole, and a follower must never install one.
+            let mut next = state.start_offset;
             for kv in cur.generation.records.range(range) {
                 let (k, v) = kv?;
                 // Verify before shipping: a corrupt batch must stop the snapshot, not spread.
-                batch::decode(&|| format!("batch {topic_id}/{partition} key {k:?}"), &v)?;
+                let records = batch::decode(&|| format!("batch {topic_id}/{partition} key {k:?}"), &v)?;
+                let base = batch::parse_key(&k).map(|(_, _, base)| base);
+                if base != Some(next) {
+                    return Err(missing_from_snapshot(topic_id, partition, next));
+                }
+                next += records.len() as u64;
                 fw.frame(FrameKind::Batch, &[&k, &v]).map_err(io_err)?;
-                bytes += v.len() as u64;
                 batches += 1;
             }
-            // The partition's byte count at the snapshot's index is exactly the size of its batches
-            // then: any shortfall is a batch deleted since, and a follower must not install a hole.
-            if bytes != state.bytes {
-                return Err(StoreError::SnapshotUnavailable(format!(
-                    "partition {topic_id}/{partition} holds {bytes} of the snapshot's {} bytes",
-                    state.bytes
-                )));
+            if next < state.end_offset {
+                return Err(missing_from_snapshot(topic_id, partition, next));
             }
         }
         fw.frame(FrameKind::End, &[&batches.to_le_bytes()]).map_err(io_err)?;
@@ -641,9 +649,10 @@ impl TopicStore {
             self.inner.db.drop_tree(m.as_bytes())?;
             self.inner.db.drop_tree(r.as_bytes())?;
         }
-        let pin_guard = self.inner.pin.lock().map_err(lock_err)?;
-        let pin = pin_guard.clone().unwrap_or_default();
+        // The state first, then the pin: a manifest captured after this read names nothing below the
+        // start offsets read here, nor a topic already deleted here.
         let cur = self.current()?;
+        let pin = self.inner.pin.lock().map_err(lock_err)?.clone().unwrap_or_default();
         let mut deleted = 0;
         // Whole deleted topics, then partition prefixes dropped by retention. Each marker is removed
         // once nothing it covers is left; one whose data the pinned snapshot still names stays, and
@@ -679,7 +688,6 @@ impl TopicStore {
             }
             cur.generation.meta_tree.remove(&k)?;
         }
-        drop(pin_guard);
         Ok(deleted)
     }
 
@@ -845,6 +853,10 @@ fn delete_bounded(
     Ok(exhausted)
 }
 
+fn missing_from_snapshot(topic_id: u32, partition: u32, offset: u64) -> StoreError {
+    StoreError::SnapshotUnavailable(format!("partition {topic_id}/{partition} no longer holds offset {offset}"))
+}
+
 fn missing_batch(topic: &str, partition: u32, offset: u64) -> StoreError {
     StoreError::corrupt(
         format!("{topic}/{partition}"),
@@ -946,6 +958,10 @@ struct Work<'a> {
     group_offsets_moved: u64,
     meta_batch: sled::Batch,
     records_batch: sled::Batch,
+    /// The batches written to `records_batch` by this apply call, (topic id, partition, base) →
+    /// (record count, stored size): not in `records_tree` until the transaction commits, but a
+    /// later command of the same call (a retention cut) must see them.
+    staged: BTreeMap<(u32, u32, u64), (u64, u64)>,
     /// Records appended by this entry and not yet encoded, per (topic id, partition): the produce
     /// commands of one entry (a `Command::Batch` of many small requests) are stored as one batch
     /// per partition instead of one sled value each. See [`Work::produce`].
@@ -988,6 +1004,7 @@ impl<'a> Work<'a> {
         let encoded = batch::store(&p.parts);
         let state = self.meta.partitions.entry((id, partition)).or_default();
         state.bytes += encoded.len() as u64;
+        self.staged.insert((id, partition, p.base), (p.count, encoded.len() as u64));
         self.records_batch.insert(&batch::key(id, partition, p.base), encoded);
         self.meta_batch.insert(partition_key(id, partition), checked::seal_bincode("partition state", state)?);
         Ok(())
@@ -1171,13 +1188,37 @@ impl<'a> Work<'a> {
                 format!("cannot drop {topic}/{partition} below {new_start}: its end offset is {}", st.end_offset),
             ));
         }
-        // The bytes dropped are the batches in [start, new_start): the same batches on every replica.
+        // The bytes dropped are the batches in [start, new_start): the same batches on every replica,
+        // whether stored by an earlier apply call or staged by this one (a replica catching up applies
+        // a produce and the retention cut after it together; the leader never does).
+        let (start, end) = (st.start_offset, st.end_offset);
         let mut dropped = 0u64;
-        let range = batch::key(topic_id, partition, st.start_offset)..batch::key(topic_id, partition, new_start);
+        let mut boundary = new_start == end;
+        let range = batch::key(topic_id, partition, start)..batch::key(topic_id, partition, new_start);
         for kv in self.records_tree.range(range) {
-            let (_, v) = kv?;
+            let (k, v) = kv?;
             dropped += v.len() as u64;
+            if let Some((_, _, base)) = batch::parse_key(&k) {
+                let count = batch::summary(&|| format!("batch {topic}/{partition}@{base}"), &v)?.1;
+                boundary |= base + u64::from(count) == new_start;
+            }
         }
+        for (&(_, _, base), &(count, size)) in
+            self.staged.range((topic_id, partition, start)..(topic_id, partition, new_start))
+        {
+            dropped += size;
+            boundary |= base + count == new_start;
+        }
+        // Retention cuts between whole batches; a cut inside one would leave its first records
+        // unreadable on some paths (reads, snapshots and reclaim all go by batch). Refused the same
+        // way on every replica.
+        if !boundary {
+            return Ok(rejected(
+                ErrorCode::InvalidRequest,
+                format!("cannot drop {topic}/{partition} below {new_start}: it is not a batch boundary"),
+            ));
+        }
+        let st = self.meta.partitions.entry((topic_id, partition)).or_default();
         st.start_offset = new_start;
         st.bytes = st.bytes.saturating_sub(dropped);
         let st = *st;
@@ -1784,6 +1825,51 @@ mod tests {
     }
 
     #[test]
+    fn a_retention_cut_applied_with_the_batches_it_drops_counts_them_like_the_leader() {
+        let dirs = [(); 2].map(|()| tempfile::tempdir().unwrap());
+        let [leader, follower] =
+            [0, 1].map(|i| TopicStore::open(dirs[i].path(), &TopicStoreOptions::default()).unwrap());
+        let create = Command::CreateTopic { name: name("r"), partitions: 1, config: TopicConfig::default() };
+        let produce = |ts: i64, n: usize| Command::Produce {
+            topic: name("r"),
+            partition: 0,
+            records: batch_of((0..n).map(|i| Record { timestamp_ms: ts, ..rec(&format!("v{i}")) }).collect()),
+            producer: None,
+        };
+        let id = |s: &TopicStore| s.topic("r").unwrap().unwrap().id;
+        let cut = |topic_id: u32, new_start: u64| Command::TruncatePrefix {
+            topic: name("r"),
+            topic_id,
+            partition: 0,
+            new_start,
+        };
+        // The leader applies each entry as it commits; a follower catching up gets them in one call.
+        for s in [&leader, &follower] {
+            s.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        }
+        let (p1, p2, p3) = (produce(1_000, 3), produce(2_000, 2), produce(3_000, 4));
+        for cmd in [&p1, &p2, &p3] {
+            leader.apply(&[Some(cmd)], Bytes::from_static(b"2")).unwrap();
+        }
+        leader.apply(&[Some(&cut(id(&leader), 5))], Bytes::from_static(b"3")).unwrap();
+        let cut_f = cut(id(&follower), 5);
+        follower.apply(&[Some(&p1), Some(&p2), Some(&p3), Some(&cut_f)], Bytes::from_static(b"3")).unwrap();
+        let offsets = |s: &TopicStore| s.partition_offsets("r").unwrap()[0].clone();
+        assert_eq!(offsets(&follower), offsets(&leader), "same start, end and bytes on both");
+        assert_eq!((offsets(&leader).start_offset, offsets(&leader).end_offset), (5, 9));
+        let (summary, _) = follower.export_snapshot(&follower.capture_snapshot().unwrap(), Vec::new()).unwrap();
+        assert_eq!(summary.batches, 1);
+
+        // A cut inside a batch is refused, the same way everywhere, and changes nothing.
+        let inside = leader.apply(&[Some(&cut(id(&leader), 7))], Bytes::from_static(b"4")).unwrap().remove(0);
+        assert_eq!(code(&inside), Some(ErrorCode::InvalidRequest), "{inside:?}");
+        assert_eq!(offsets(&leader).start_offset, 5);
+        // The end offset is a boundary: everything may go.
+        let all = leader.apply(&[Some(&cut(id(&leader), 9))], Bytes::from_static(b"5")).unwrap().remove(0);
+        assert_eq!(all, CommandResponse::PrefixTruncated { start_offset: 9 });
+    }
+
+    #[test]
     fn a_snapshot_manifest_keeps_its_batches_until_a_newer_one_is_pinned() {
         let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
         let [a, b, c] = [0, 1, 2].map(|i| TopicStore::open(dirs[i].path(), &TopicStoreOptions::default()).unwrap());
@@ -1816,8 +1902,11 @@ mod tests {
         assert!(matches!(b.pin_snapshot(&b_before), Err(StoreError::SnapshotUnavailable(_))));
         assert!(b.export_snapshot(&installed, Vec::new()).is_ok(), "the installed snapshot streams on");
 
-        // A newer snapshot releases them; the old manifest is then refused, never streamed with holes.
+        // A newer snapshot releases them once it is published (pinned alone); until then both are
+        // kept. The old manifest is then refused, never streamed with holes.
         let m2 = a.capture_snapshot().unwrap();
+        assert_eq!(a.reclaim(1000).unwrap(), 0, "the published snapshot stays pinned until the next is");
+        a.pin_snapshot(&m2).unwrap();
         assert_eq!(a.reclaim(1000).unwrap(), 3, "two retained-out batches and the deleted topic's one");
         assert_eq!(a.reclaim(1000).unwrap(), 0);
         assert!(matches!(a.export_snapshot(&m1, Vec::new()), Err(StoreError::SnapshotUnavailable(_))));
