@@ -175,6 +175,9 @@ pub(crate) fn build(store: &TopicStore, snapshots: &SnapshotDir) -> Result<Snaps
 /// installing a snapshot and publishing its manifest), a damaged one (reported, never used), or none
 /// after a release that kept full copies.
 pub(crate) fn reopen(store: &TopicStore, snapshots: &SnapshotDir) -> Result<(), StoreError> {
+    if let Some(reason) = store.lost_data()? {
+        return roll_back(store, snapshots, &reason);
+    }
     let retake = match snapshots.current() {
         Ok(Some((_, manifest))) => match store.pin_snapshot(&manifest) {
             Ok(()) => return Ok(()),
@@ -200,6 +203,27 @@ pub(crate) fn reopen(store: &TopicStore, snapshots: &SnapshotDir) -> Result<(), 
     };
     if retake {
         build(store, snapshots)?;
+    }
+    Ok(())
+}
+
+/// The store references batch bytes that never reached the disk (a power loss: sled flushes on its
+/// own, the batch files only when a snapshot is built). Its published snapshot was made durable
+/// before it was published, and the log holds every entry after it: the store goes back to the
+/// snapshot and openraft replays the rest. Without a usable snapshot the node does not start.
+fn roll_back(store: &TopicStore, snapshots: &SnapshotDir, reason: &str) -> Result<(), StoreError> {
+    match snapshots.current()? {
+        Some((meta, manifest)) => {
+            tracing::error!(%reason, snapshot = %meta.snapshot_id, "the store is ahead of its data; rolling it back to its snapshot");
+            store.pin_snapshot(&manifest)?;
+            if let Some(rebuilt) = store.rebuild_from(Some(&manifest))? {
+                snapshots.publish(&meta, &rebuilt)?;
+            }
+        }
+        None => {
+            tracing::error!(%reason, "the store is ahead of its data and has no snapshot; emptying it, the log replays from its start");
+            store.rebuild_from(None)?;
+        }
     }
     Ok(())
 }
@@ -312,6 +336,67 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
         reopen(&store, &snapshots).unwrap();
         assert_eq!(current_index(&snapshots), Some(7));
+    }
+
+    #[test]
+    fn a_store_ahead_of_its_batch_files_rolls_back_to_its_snapshot() {
+        use busbar_types::{Command, Record, RecordBatch, TopicConfig, TopicName};
+        let dir = tempfile::tempdir().unwrap();
+        let applied_at = |index: u64| {
+            let applied = AppliedState {
+                last_applied: Some(LogId::new(CommittedLeaderId::new(1, 1), index)),
+                membership: StoredMembership::default(),
+            };
+            Bytes::from(codec::encode("applied", &applied).unwrap())
+        };
+        let produce = |store: &TopicStore, v: &'static str, index: u64| {
+            let record =
+                Record { key: None, value: Bytes::from_static(v.as_bytes()), headers: vec![], timestamp_ms: 1 };
+            let cmd = Command::Produce {
+                topic: TopicName::new("t").unwrap(),
+                partition: 0,
+                records: RecordBatch::encode(&[record]).unwrap(),
+                producer: None,
+            };
+            store.apply(&[Some(&cmd)], applied_at(index)).unwrap();
+        };
+        let store = TopicStore::open(&dir.path().join("state"), &TopicStoreOptions::default()).unwrap();
+        let snapshots = SnapshotDir::open(&dir.path().join("snapshots")).unwrap();
+        let create =
+            Command::CreateTopic { name: TopicName::new("t").unwrap(), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], applied_at(1)).unwrap();
+        produce(&store, "kept", 2);
+        build(&store, &snapshots).unwrap();
+        produce(&store, "lost", 3);
+        drop(store);
+        // A power loss: sled kept the reference to the last batch, its bytes never reached the file.
+        let batches = dir.path().join("state").join("batches");
+        let file = std::fs::read_dir(&batches).unwrap().flatten().map(|e| e.path()).max().unwrap();
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 1).unwrap();
+
+        // sled releases its lock when its last internal reference goes, a moment after the drop.
+        let store = (0..500)
+            .find_map(|_| {
+                TopicStore::open(&dir.path().join("state"), &TopicStoreOptions::default())
+                    .inspect_err(|_| std::thread::sleep(std::time::Duration::from_millis(20)))
+                    .ok()
+            })
+            .unwrap();
+        assert!(store.lost_data().unwrap().is_some());
+        reopen(&store, &snapshots).unwrap();
+        assert!(store.lost_data().unwrap().is_none());
+        let applied = decode_applied(store.applied().unwrap().as_ref()).unwrap();
+        assert_eq!(applied.last_applied.map(|l| l.index), Some(2), "back at the snapshot; the log replays 3");
+        let r = store.read("t", 0, 0, 10, 1 << 20).unwrap();
+        assert_eq!(
+            r.records.iter().map(|(_, r)| r.value.clone()).collect::<Vec<_>>(),
+            vec![Bytes::from_static(b"kept")]
+        );
+        // The published manifest names the rebuilt store, so it can be sent and pinned.
+        let (_, manifest) = snapshots.current().unwrap().unwrap();
+        store.pin_snapshot(&manifest).unwrap();
+        assert_eq!(current_index(&snapshots), Some(2));
     }
 
     #[test]

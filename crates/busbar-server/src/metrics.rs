@@ -494,7 +494,11 @@ fn render_storage(out: &mut Out, node: &RaftNode, data_dir: &Path) {
         "Committed group offsets moved up to a partition's new start by retention (records the group never consumed).",
     );
     out.sample("busbar_group_offsets_moved_by_retention_total", &[], node.store.group_offsets_moved_by_retention());
-    out.family("busbar_storage_bytes", "gauge", "Bytes on disk: raft_log (WAL segments), state (sled), snapshots.");
+    out.family(
+        "busbar_storage_bytes",
+        "gauge",
+        "Bytes on disk: raft_log (WAL segments), state (sled and the batch files), snapshots.",
+    );
     match dir_bytes(&data_dir.join("raft-log"), 0) {
         Ok(b) => out.sample("busbar_storage_bytes", &[("kind", "raft_log")], b),
         Err(e) => {

@@ -1,5 +1,5 @@
-//! How a batch of records is stored: one sled value per produced batch, sealed with a crc32 that
-//! is checked on every read.
+//! How a batch of records is stored: one value per stored batch, sealed with a crc32 that is
+//! checked on every read, written to the batch files ([`crate::batch_files`]).
 
 use busbar_types::{record_batch, Record, RecordBatch};
 
@@ -23,7 +23,14 @@ pub fn store(parts: &[&RecordBatch]) -> Vec<u8> {
 
 /// The batch's newest timestamp and record count, checking its crc but without decoding every record.
 pub fn summary(what: &dyn Fn() -> String, value: &[u8]) -> Result<(i64, u32), StoreError> {
-    let payload = checked::open(what, value)?;
+    checked::open(what, value)?;
+    header(what, value)
+}
+
+/// The newest timestamp and record count from a stored value's header, without checking its crc
+/// (for a value just encoded, or checked already).
+pub fn header(what: &dyn Fn() -> String, value: &[u8]) -> Result<(i64, u32), StoreError> {
+    let payload = value.get(4..).unwrap_or_default();
     // The RecordBatch header: max_timestamp_ms (i64 LE), then the record count (u64 LE).
     let (Some(ts), Some(n)) = (payload.get(..8), payload.get(8..16)) else {
         return Err(StoreError::corrupt(what(), "batch shorter than its header"));

@@ -4,12 +4,14 @@
 //!   fdatasync. Stores opaque entries; the replication layer decides what they contain.
 //! - [`topic_store`]: the state machine's data in sled — topics, partitions, record batches — and the
 //!   deterministic apply of [`busbar_types::Command`]s to it, plus streamed snapshot export/import.
+//! - [`batch_files`]: the append-only files holding the stored batches (sled holds references).
 //! - [`snapshot_manifest`]: a snapshot held as the metadata naming batches already in the store.
 //! - [`checked`]: the crc32 envelope every stored value carries.
 //!
 //! `docs/storage.md` says what is durable when; read it before changing a write path.
 
 pub mod batch;
+pub mod batch_files;
 pub mod checked;
 pub mod durable;
 pub mod error;

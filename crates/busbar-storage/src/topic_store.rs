@@ -7,7 +7,16 @@
 //!   [`PartitionState`], `reclaim/<topic id>` → deleted topics whose batches are still to delete,
 //!   `next_producer_id`, `s/<producer id><topic id><partition>` → [`ProducerState`],
 //!   `grp/<group>` → [`GroupState`] (members, assignments, generation, committed offsets);
-//! - `gN.records`: `[topic id][partition][base offset]` → one stored batch ([`crate::batch`]).
+//! - `gN.records`: `[topic id][partition][base offset]` → a [`BatchRef`]: where the stored batch
+//!   ([`crate::batch`]) is in the batch files ([`crate::batch_files`]), its crc, count and newest
+//!   timestamp. The batch bytes themselves are never in sled.
+//!
+//! The default tree also holds `batches_synced`: how far each batch file was synced at the last
+//! [`TopicStore::flush_durable`]. sled may make a reference durable before the bytes it names (it
+//! flushes on its own), so at open every reachable reference beyond that mark is read and checked;
+//! one that fails means a power loss cut the files short, and the store reports it
+//! ([`TopicStore::lost_data`]) for the replication layer to roll back to its snapshot
+//! ([`TopicStore::rebuild_from`]) and replay the log from there.
 //!
 //! Every apply writes its data *and* the applied position in one sled transaction over both trees,
 //! so after a crash the store is at some applied position with exactly the data up to it.
@@ -32,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::batch_files::{BatchFiles, BatchRef};
 use crate::groups::{GroupState, Topics};
 use crate::snapshot_file::{FrameKind, FrameReader, FrameWriter};
 use crate::snapshot_manifest::{Pin, SnapshotHeader, SnapshotManifest};
@@ -200,12 +210,22 @@ struct Inner {
     /// Committed group offsets retention moved up to a partition's new start, since this process
     /// started (a metric: those groups skip records they never consumed).
     group_offsets_moved: std::sync::atomic::AtomicU64,
+    /// The bytes of every stored batch.
+    files: BatchFiles,
+    /// Set at open when a reachable reference names bytes that are not on disk (see the module
+    /// documentation); cleared by [`TopicStore::rebuild_from`].
+    lost: Mutex<Option<String>>,
 }
 
 const GENERATION_KEY: &[u8] = b"generation";
 const APPLIED_KEY: &[u8] = b"applied";
 const NEXT_TOPIC_ID_KEY: &[u8] = b"next_topic_id";
 const NEXT_PRODUCER_ID_KEY: &[u8] = b"next_producer_id";
+const BATCHES_SYNCED_KEY: &[u8] = b"batches_synced";
+/// Present once the store keeps batch bytes in batch files; a store without it is of an earlier
+/// release, with the batches in sled, and is converted at open.
+const LAYOUT_KEY: &[u8] = b"layout";
+const LAYOUT_BATCH_FILES: u32 = 2;
 /// Producer ids start at 1: 0 means "not idempotent" on the wire.
 const FIRST_PRODUCER_ID: u64 = 1;
 
@@ -256,11 +276,14 @@ pub struct ExportSummary {
 impl TopicStore {
     pub fn open(path: &Path, opts: &TopicStoreOptions) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(path).cache_capacity(opts.cache_bytes).open()?;
-        let gen_id = match db.get(GENERATION_KEY)? {
-            Some(v) => checked::open_bincode::<u64>(&|| "generation pointer".into(), &v)?,
+        let (gen_id, batches_in_sled) = match db.get(GENERATION_KEY)? {
+            Some(v) => {
+                (checked::open_bincode::<u64>(&|| "generation pointer".into(), &v)?, db.get(LAYOUT_KEY)?.is_none())
+            }
             None => {
                 db.insert(GENERATION_KEY, checked::seal_bincode("generation", &0u64)?)?;
-                0
+                db.insert(LAYOUT_KEY, checked::seal_bincode("layout", &LAYOUT_BATCH_FILES)?)?;
+                (0, false)
             }
         };
         // Trees of other generations are leftovers: an old one not dropped yet, or a half-built
@@ -276,6 +299,19 @@ impl TopicStore {
         let meta = load_meta(&generation.meta_tree)?;
         let producers = load_producers(&generation.meta_tree)?;
         let groups = load_groups(&generation.meta_tree)?;
+        let files = BatchFiles::open(&path.join("batches"))?;
+        if batches_in_sled {
+            move_batches_to_files(&db, &generation, &files)?;
+        }
+        let synced: BTreeMap<u64, u64> = match db.get(BATCHES_SYNCED_KEY)? {
+            Some(v) => checked::open_bincode(&|| "batch files sync mark".into(), &v)?,
+            None => BTreeMap::new(),
+        };
+        let lost = count_references(&generation, &meta, &files, &synced)?;
+        if let Some(reason) = &lost {
+            tracing::error!(%reason, "the store names batch bytes that are not on disk");
+        }
+        files.drop_unreferenced(gen_id)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -288,8 +324,54 @@ impl TopicStore {
                 producers: Mutex::new(producers),
                 groups: RwLock::new(groups),
                 group_offsets_moved: std::sync::atomic::AtomicU64::new(0),
+                files,
+                lost: Mutex::new(lost),
             }),
         })
+    }
+
+    /// Why the store cannot be used as it is, if it cannot: at open, a batch it references (one a
+    /// reader could reach) was missing or damaged beyond what the last `flush_durable` synced — the
+    /// bytes did not reach the disk before a power loss while sled's reference did. The store is
+    /// then ahead of its data; [`TopicStore::rebuild_from`] rolls it back.
+    pub fn lost_data(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.inner.lost.lock().map_err(lock_err)?.clone())
+    }
+
+    /// Replaces the whole store with what `manifest` names (its published snapshot; `None`: no
+    /// snapshot was ever taken, so the empty store), as an install would: the batches it names were
+    /// synced before it was published, so they are whole. The Raft log holds every entry after it,
+    /// and replays them. Returns the manifest of the rebuilt store (`None` for the empty store).
+    pub fn rebuild_from(&self, manifest: Option<&SnapshotManifest>) -> Result<Option<SnapshotManifest>, StoreError> {
+        let tmp = self.inner.path.join("rebuild.tmp");
+        let io = |what: &str, e: std::io::Error| StoreError::io(format!("{what} {}", tmp.display()), e);
+        let file = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
+        let w = std::io::BufWriter::with_capacity(1 << 20, file);
+        let w = match manifest {
+            Some(m) => self.export_snapshot(m, w)?.1,
+            None => {
+                let header = SnapshotHeader {
+                    applied: None,
+                    next_topic_id: 0,
+                    next_producer_id: FIRST_PRODUCER_ID,
+                    topics: Vec::new(),
+                    partitions: Vec::new(),
+                    producers: Vec::new(),
+                    groups: Vec::new(),
+                };
+                let mut fw = FrameWriter::new(w).map_err(|e| io("write", e))?;
+                fw.frame(FrameKind::Header, &[&header.encode()?]).map_err(|e| io("write", e))?;
+                fw.frame(FrameKind::End, &[&0u64.to_le_bytes()]).map_err(|e| io("write", e))?;
+                fw.into_inner()
+            }
+        };
+        w.into_inner().map_err(|e| io("flush", e.into_error()))?;
+        let file = std::fs::File::open(&tmp).map_err(|e| io("open", e))?;
+        let rebuilt = self.import_snapshot(std::io::BufReader::with_capacity(1 << 20, file), "store rebuild");
+        let _ = std::fs::remove_file(&tmp);
+        let rebuilt = rebuilt?;
+        *self.inner.lost.lock().map_err(lock_err)? = None;
+        Ok(manifest.map(|_| rebuilt))
     }
 
     fn current(&self) -> Result<Current, StoreError> {
@@ -322,6 +404,8 @@ impl TopicStore {
             groups: Cow::Borrowed(&*groups_now),
             touched_groups: BTreeSet::new(),
             records_tree: cur.generation.records.clone(),
+            files: &self.inner.files,
+            generation: cur.generation.id,
             group_offsets_moved: 0,
             meta_batch: sled::Batch::default(),
             records_batch: sled::Batch::default(),
@@ -466,7 +550,9 @@ impl TopicStore {
                     ));
                 }
             }
-            let batch_records = batch::decode(&|| format!("batch {topic}/{partition}@{base}"), &v)?;
+            let what = || format!("batch {topic}/{partition}@{base}");
+            let stored = self.inner.files.read(&what, &BatchRef::decode(&what, &v)?)?;
+            let batch_records = batch::decode(&what, &stored)?;
             next_expected = Some(base + batch_records.len() as u64);
             for (i, record) in batch_records.into_iter().enumerate() {
                 let off = base + i as u64;
@@ -489,6 +575,10 @@ impl TopicStore {
     /// Makes everything applied so far durable, against power loss (see [`crate::durable`]).
     /// Called before the Raft log below the applied index may be purged.
     pub fn flush_durable(&self) -> Result<(), StoreError> {
+        // The batch bytes first, then sled's references to them (and the mark saying how far the
+        // files are synced, which `open` trusts).
+        let synced = self.inner.files.sync()?;
+        self.inner.db.insert(BATCHES_SYNCED_KEY, checked::seal_bincode("batch files sync mark", &synced)?)?;
         self.inner.db.flush()?;
         durable::fsync_tree(&self.inner.path)
     }
@@ -579,13 +669,15 @@ impl TopicStore {
             for kv in cur.generation.records.range(range) {
                 let (k, v) = kv?;
                 // Verify before shipping: a corrupt batch must stop the snapshot, not spread.
-                let records = batch::decode(&|| format!("batch {topic_id}/{partition} key {k:?}"), &v)?;
+                let what = || format!("batch {topic_id}/{partition} key {k:?}");
+                let stored = self.inner.files.read(&what, &BatchRef::decode(&what, &v)?)?;
+                let records = batch::decode(&what, &stored)?;
                 let base = batch::parse_key(&k).map(|(_, _, base)| base);
                 if base != Some(next) {
                     return Err(missing_from_snapshot(topic_id, partition, next));
                 }
                 next += records.len() as u64;
-                fw.frame(FrameKind::Batch, &[&k, &v]).map_err(io_err)?;
+                fw.frame(FrameKind::Batch, &[&k, &stored]).map_err(io_err)?;
                 batches += 1;
             }
             if next < state.end_offset {
@@ -609,7 +701,9 @@ impl TopicStore {
         self.inner.db.drop_tree(m.as_bytes())?;
         self.inner.db.drop_tree(rec.as_bytes())?;
         let gen = open_generation(&self.inner.db, new_id)?;
-        let filled = fill_generation(&gen, r, what);
+        let files = &self.inner.files;
+        files.drop_generation(new_id)?;
+        let filled = fill_generation(&gen, files, r, what);
         let loaded = filled.and_then(|header| {
             let manifest = SnapshotManifest::new(new_id, &header)?;
             let pin = Pin::of(&manifest)?;
@@ -621,6 +715,7 @@ impl TopicStore {
             Err(e) => {
                 let _ = self.inner.db.drop_tree(m.as_bytes());
                 let _ = self.inner.db.drop_tree(rec.as_bytes());
+                let _ = files.drop_generation(new_id);
                 return Err(e);
             }
         };
@@ -648,6 +743,7 @@ impl TopicStore {
             let (m, r) = tree_names(gen);
             self.inner.db.drop_tree(m.as_bytes())?;
             self.inner.db.drop_tree(r.as_bytes())?;
+            self.inner.files.drop_generation(gen)?;
         }
         // The state first, then the pin: a manifest captured after this read names nothing below the
         // start offsets read here, nor a topic already deleted here.
@@ -665,7 +761,7 @@ impl TopicStore {
                 continue;
             }
             let records = cur.generation.records.scan_prefix(topic_id.to_be_bytes());
-            if !delete_bounded(&cur.generation.records, records, max_keys, &mut deleted)? {
+            if !delete_bounded(&cur.generation.records, &self.inner.files, records, max_keys, &mut deleted)? {
                 return Ok(deleted);
             }
             cur.generation.meta_tree.remove(&k)?;
@@ -679,7 +775,7 @@ impl TopicStore {
             if let Some(start) = cur.meta.partitions.get(&(t, p)).map(|s| s.start_offset) {
                 let floor = pin.floor(t, p, start);
                 let records = cur.generation.records.range(batch::key(t, p, 0)..batch::key(t, p, floor));
-                if !delete_bounded(&cur.generation.records, records, max_keys, &mut deleted)? {
+                if !delete_bounded(&cur.generation.records, &self.inner.files, records, max_keys, &mut deleted)? {
                     return Ok(deleted);
                 }
                 if floor < start {
@@ -713,16 +809,16 @@ impl TopicStore {
         for kv in cur.generation.records.range(range) {
             let (k, v) = kv?;
             let Some((_, _, base)) = batch::parse_key(&k) else { break };
-            let (max_ts, count) = batch::summary(&|| format!("batch {topic}/{partition}@{base}"), &v)?;
-            let expired = cutoff.is_some_and(|c| max_ts < c);
+            let r = BatchRef::decode(&|| format!("batch {topic}/{partition}@{base}"), &v)?;
+            let expired = cutoff.is_some_and(|c| r.max_ts < c);
             // Kafka's rule: drop the oldest while what stays is still at least the limit, so a
             // partition holds at most retention.bytes plus one batch.
-            let oversize = retention_bytes.is_some_and(|limit| remaining.saturating_sub(v.len() as u64) >= limit);
+            let oversize = retention_bytes.is_some_and(|limit| remaining.saturating_sub(u64::from(r.len)) >= limit);
             if !(expired || oversize) {
                 break;
             }
-            remaining = remaining.saturating_sub(v.len() as u64);
-            new_start = base + u64::from(count);
+            remaining = remaining.saturating_sub(u64::from(r.len));
+            new_start = base + u64::from(r.count);
         }
         Ok((new_start > st.start_offset).then_some(new_start))
     }
@@ -824,9 +920,9 @@ impl TopicStore {
             .collect())
     }
 
-    /// Bytes sled's files take on disk.
+    /// Bytes sled's files and the batch files take on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.inner.db.size_on_disk()?)
+        Ok(self.inner.db.size_on_disk()? + self.inner.files.size()?)
     }
 }
 
@@ -834,23 +930,136 @@ impl TopicStore {
 /// through all of them (false: the budget ran out first).
 fn delete_bounded(
     tree: &sled::Tree,
+    files: &BatchFiles,
     records: sled::Iter,
     max_keys: usize,
     deleted: &mut usize,
 ) -> Result<bool, StoreError> {
     let mut batch = sled::Batch::default();
+    let mut released = Vec::new();
     let mut exhausted = true;
     for kv in records {
         if *deleted >= max_keys {
             exhausted = false;
             break;
         }
-        let (k, _) = kv?;
+        let (k, v) = kv?;
+        // A reference that does not decode still goes; it names nothing we could release.
+        if let Ok(r) = BatchRef::decode(&|| "batch reference".into(), &v) {
+            released.push(r.file);
+        }
         batch.remove(k);
         *deleted += 1;
     }
     tree.apply_batch(batch)?;
+    // Only after the references are gone: a file is unlinked once nothing names it.
+    for file in released {
+        files.release(file)?;
+    }
     Ok(exhausted)
+}
+
+/// Converts a store of an earlier release, whose records tree held the stored batches themselves:
+/// each batch is checked, appended to a batch file and replaced by its reference; then everything is
+/// made durable and the layout key written. Chunks of references commit together with the last key
+/// converted (`layout_progress` in the meta tree), so a crash midway resumes after it.
+fn move_batches_to_files(db: &sled::Db, generation: &Generation, files: &BatchFiles) -> Result<(), StoreError> {
+    const PROGRESS_KEY: &[u8] = b"layout_progress";
+    let commit = |refs: &sled::Batch, last: &[u8]| -> Result<(), StoreError> {
+        files.sync()?;
+        let progress = checked::seal(last);
+        (&generation.meta_tree, &generation.records)
+            .transaction(|(m, r)| {
+                r.apply_batch(refs)?;
+                m.insert(PROGRESS_KEY, progress.clone())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => StoreError::corrupt("layout conversion", "transaction aborted"),
+            })
+    };
+    let after = match generation.meta_tree.get(PROGRESS_KEY)? {
+        Some(v) => checked::open(&|| "layout progress".into(), &v)?.to_vec(),
+        None => Vec::new(),
+    };
+    let mut moved = 0u64;
+    let mut refs = sled::Batch::default();
+    let mut pending = 0;
+    let mut last = after.clone();
+    for kv in generation.records.range(after.clone()..) {
+        let (k, v) = kv?;
+        if !after.is_empty() && *k == *after {
+            continue;
+        }
+        let what = || format!("batch key {k:?} of an earlier release");
+        batch::decode(&what, &v)?;
+        let (max_ts, count) = batch::header(&what, &v)?;
+        let crc = v.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
+        let len = u32::try_from(v.len()).map_err(|_| StoreError::corrupt(what(), "batch above 4 GiB"))?;
+        let (file, pos) = files.append(generation.id, &v)?;
+        refs.insert(k.clone(), BatchRef { file, pos, len, crc, max_ts, count }.encode()?);
+        last = k.to_vec();
+        moved += 1;
+        pending += 1;
+        if pending >= 1024 {
+            commit(&std::mem::take(&mut refs), &last)?;
+            pending = 0;
+        }
+    }
+    commit(&refs, &last)?;
+    generation.meta_tree.remove(PROGRESS_KEY)?;
+    db.flush()?;
+    db.insert(LAYOUT_KEY, checked::seal_bincode("layout", &LAYOUT_BATCH_FILES)?)?;
+    db.flush()?;
+    tracing::info!(batches = moved, "moved stored batches from sled to batch files");
+    Ok(())
+}
+
+/// Counts the references of `generation` per batch file (so files are unlinked when their last
+/// batch goes) and checks the ones a reader could reach: their file must exist, and one beyond
+/// what `synced` says was synced must read back whole. Returns why the store is unusable, if it is.
+fn count_references(
+    generation: &Generation,
+    meta: &Meta,
+    files: &BatchFiles,
+    synced: &BTreeMap<u64, u64>,
+) -> Result<Option<String>, StoreError> {
+    let live_topics: BTreeSet<u32> = meta.topics.values().map(|t| t.id).collect();
+    let mut lost = None;
+    for kv in generation.records.iter() {
+        let (k, v) = kv?;
+        let reachable = match batch::parse_key(&k) {
+            Some((t, p, base)) => {
+                live_topics.contains(&t)
+                    && meta.partitions.get(&(t, p)).is_some_and(|s| base >= s.start_offset && base < s.end_offset)
+            }
+            None => true,
+        };
+        let what = || format!("batch key {k:?}");
+        let r = match BatchRef::decode(&what, &v) {
+            Ok(r) => r,
+            Err(e) => {
+                if reachable {
+                    lost.get_or_insert_with(|| e.to_string());
+                }
+                continue;
+            }
+        };
+        if !files.has(r.file)? {
+            if reachable {
+                lost.get_or_insert_with(|| format!("{}: its file {:016x} is missing", what(), r.file));
+            }
+            continue;
+        }
+        files.retain(r.file, generation.id)?;
+        if reachable && synced.get(&r.file).is_none_or(|len| *len < r.end()) {
+            if let Err(e) = files.read(&what, &r) {
+                lost.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    Ok(lost)
 }
 
 fn missing_from_snapshot(topic_id: u32, partition: u32, offset: u64) -> StoreError {
@@ -954,6 +1163,9 @@ struct Work<'a> {
     touched_groups: BTreeSet<String>,
     /// The records tree, read (never written) to size the batches retention drops.
     records_tree: sled::Tree,
+    /// Where stored batches are written (at once: the references go in the transaction).
+    files: &'a BatchFiles,
+    generation: u64,
     /// Group offsets this apply moved up to a new start offset (see `group_offsets_moved`).
     group_offsets_moved: u64,
     meta_batch: sled::Batch,
@@ -1002,10 +1214,16 @@ impl<'a> Work<'a> {
 
     fn store_batch(&mut self, (id, partition): (u32, u32), p: PendingBatch<'a>) -> Result<(), StoreError> {
         let encoded = batch::store(&p.parts);
+        let what = || format!("new batch {id}/{partition}@{}", p.base);
+        let (max_ts, count) = batch::header(&what, &encoded)?;
+        let crc = encoded.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
+        let len = u32::try_from(encoded.len()).map_err(|_| StoreError::corrupt(what(), "batch above 4 GiB"))?;
+        let (file, pos) = self.files.append(self.generation, &encoded)?;
+        let reference = BatchRef { file, pos, len, crc, max_ts, count };
         let state = self.meta.partitions.entry((id, partition)).or_default();
         state.bytes += encoded.len() as u64;
         self.staged.insert((id, partition, p.base), (p.count, encoded.len() as u64));
-        self.records_batch.insert(&batch::key(id, partition, p.base), encoded);
+        self.records_batch.insert(&batch::key(id, partition, p.base), reference.encode()?);
         self.meta_batch.insert(partition_key(id, partition), checked::seal_bincode("partition state", state)?);
         Ok(())
     }
@@ -1197,10 +1415,10 @@ impl<'a> Work<'a> {
         let range = batch::key(topic_id, partition, start)..batch::key(topic_id, partition, new_start);
         for kv in self.records_tree.range(range) {
             let (k, v) = kv?;
-            dropped += v.len() as u64;
             if let Some((_, _, base)) = batch::parse_key(&k) {
-                let count = batch::summary(&|| format!("batch {topic}/{partition}@{base}"), &v)?.1;
-                boundary |= base + u64::from(count) == new_start;
+                let r = BatchRef::decode(&|| format!("batch {topic}/{partition}@{base}"), &v)?;
+                dropped += u64::from(r.len);
+                boundary |= base + u64::from(r.count) == new_start;
             }
         }
         for (&(_, _, base), &(count, size)) in
@@ -1357,7 +1575,12 @@ impl<'a> Work<'a> {
 }
 
 /// Writes a snapshot stream into an empty generation, checking every frame.
-fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<SnapshotHeader, StoreError> {
+fn fill_generation<R: Read>(
+    gen: &Generation,
+    files: &BatchFiles,
+    r: R,
+    what: &str,
+) -> Result<SnapshotHeader, StoreError> {
     const FLUSH_EVERY: usize = 1024;
     let mut reader = FrameReader::new(r, what)?;
     let header: SnapshotHeader = match reader.next_frame()? {
@@ -1396,8 +1619,13 @@ fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<Snapsh
                     return Err(reader.bad("batch frame shorter than its key".into()));
                 }
                 let (k, v) = body.split_at(16);
-                batch::decode(&|| format!("snapshot batch {k:?}"), v)?;
-                batch.insert(k, v);
+                let what = || format!("snapshot batch {k:?}");
+                batch::decode(&what, v)?;
+                let (max_ts, records) = batch::header(&what, v)?;
+                let crc = v.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
+                let len = u32::try_from(v.len()).map_err(|_| reader.bad("batch above 4 GiB".into()))?;
+                let (file, pos) = files.append(gen.id, v)?;
+                batch.insert(k, BatchRef { file, pos, len, crc, max_ts, count: records }.encode()?);
                 pending += 1;
                 count += 1;
                 if pending >= FLUSH_EVERY {
@@ -1422,6 +1650,21 @@ fn fill_generation<R: Read>(gen: &Generation, r: R, what: &str) -> Result<Snapsh
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Opens a store, waiting out the lock of one just dropped: sled releases its file lock when
+    /// its last internal reference goes, which a background thread may hold a moment longer.
+    fn open_store(path: &Path) -> TopicStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match TopicStore::open(path, &TopicStoreOptions::default()) {
+                Ok(store) => return store,
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("open {}: {e}", path.display()),
+            }
+        }
+    }
 
     fn rec(v: &str) -> Record {
         Record { key: None, value: Bytes::from(v.to_string()), headers: vec![], timestamp_ms: 1 }
@@ -1450,7 +1693,7 @@ mod tests {
     #[test]
     fn a_batch_applies_each_command_in_order_and_answers_each() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         let produce_cmd = |topic: &str, vals: &[&str]| Command::Produce {
             topic: name(topic),
             partition: 0,
@@ -1489,7 +1732,7 @@ mod tests {
     #[test]
     fn apply_assigns_consecutive_offsets_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         let create = Command::CreateTopic { name: name("orders"), partitions: 2, config: TopicConfig::default() };
         assert_eq!(
             store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap(),
@@ -1530,13 +1773,13 @@ mod tests {
     fn state_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+            let store = open_store(dir.path());
             let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
             store.apply(&[Some(&create), None], Bytes::from_static(b"x")).unwrap();
             produce(&store, "t", 0, &["a", "b", "c"], 9);
             store.flush_durable().unwrap();
         }
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         assert_eq!(store.applied().unwrap(), Some(Bytes::from(vec![9])));
         assert_eq!(store.read("t", 0, 0, 10, 1 << 20).unwrap().records.len(), 3);
         assert_eq!(
@@ -1549,8 +1792,8 @@ mod tests {
     fn snapshot_round_trip_replaces_state_and_ignores_later_appends() {
         let a_dir = tempfile::tempdir().unwrap();
         let b_dir = tempfile::tempdir().unwrap();
-        let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
-        let b = TopicStore::open(b_dir.path(), &TopicStoreOptions::default()).unwrap();
+        let a = open_store(a_dir.path());
+        let b = open_store(b_dir.path());
         let create = Command::CreateTopic { name: name("t"), partitions: 3, config: TopicConfig::default() };
         a.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         for i in 0..50u8 {
@@ -1574,14 +1817,14 @@ mod tests {
         b.reclaim(1000).unwrap();
         // The install survives a reopen.
         drop(b);
-        let b = TopicStore::open(b_dir.path(), &TopicStoreOptions::default()).unwrap();
+        let b = open_store(b_dir.path());
         assert_eq!(b.partition_offsets("t").unwrap()[0].end_offset, 34);
     }
 
     #[test]
     fn corrupt_snapshot_is_rejected_and_leaves_state() {
         let a_dir = tempfile::tempdir().unwrap();
-        let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
+        let a = open_store(a_dir.path());
         let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         a.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         produce(&a, "t", 0, &["hello"], 2);
@@ -1590,7 +1833,7 @@ mod tests {
         let n = buf.len();
         buf[n - 20] ^= 0x40;
         let b_dir = tempfile::tempdir().unwrap();
-        let b = TopicStore::open(b_dir.path(), &TopicStoreOptions::default()).unwrap();
+        let b = open_store(b_dir.path());
         assert!(b.import_snapshot(&buf[..], "bad").is_err());
         assert!(b.list_topics().unwrap().is_empty());
         // Cut short: also rejected.
@@ -1601,7 +1844,7 @@ mod tests {
     #[test]
     fn delete_hides_at_once_and_reclaim_frees_in_bounded_steps() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         for i in 0..10 {
@@ -1628,7 +1871,7 @@ mod tests {
     #[test]
     fn a_corrupted_batch_is_reported_not_served() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         produce(&store, "t", 0, &["hello"], 2);
@@ -1637,8 +1880,148 @@ mod tests {
         let mut bad = v.to_vec();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        records.insert(k, bad).unwrap();
+        records.insert(k.clone(), bad).unwrap();
         assert!(matches!(store.read("t", 0, 0, 10, 100), Err(StoreError::Corrupt { .. })));
+
+        // The batch bytes themselves, in their file.
+        records.insert(k, v).unwrap();
+        assert_eq!(store.read("t", 0, 0, 10, 100).unwrap().records.len(), 1);
+        let file = batch_file_paths(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&file, bytes).unwrap();
+        let err = store.read("t", 0, 0, 10, 100).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+
+    fn batch_file_paths(store_dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(store_dir.join("batches")).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn a_store_of_the_earlier_layout_moves_its_batches_to_files_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        let create = Command::CreateTopic { name: name("t"), partitions: 2, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        for i in 0..3000u32 {
+            produce(&store, "t", i % 2, &[format!("v{i}").as_str()], 2);
+        }
+        // Back to the earlier layout: the stored batches themselves in sled, no layout key, no files.
+        let old = stored_batches(&store);
+        let records = store.current().unwrap().generation.records;
+        for (k, v) in &old {
+            records.insert(k.as_slice(), v.as_slice()).unwrap();
+        }
+        store.inner.db.remove(LAYOUT_KEY).unwrap();
+        store.inner.db.flush().unwrap();
+        drop((store, records));
+        for f in batch_file_paths(dir.path()) {
+            std::fs::remove_file(f).unwrap();
+        }
+
+        let store = open_store(dir.path());
+        assert!(store.lost_data().unwrap().is_none());
+        assert!(store.inner.db.get(LAYOUT_KEY).unwrap().is_some());
+        assert_eq!(stored_batches(&store), old, "every batch moved whole, under the same key");
+        let r = store.read("t", 1, 0, 10_000, usize::MAX).unwrap();
+        assert_eq!(r.records.len(), 1500);
+        assert_eq!(r.records[1499].1.value, Bytes::from("v2999"));
+        drop(store);
+        // Converted once: a second open finds references and leaves them.
+        let store = open_store(dir.path());
+        assert_eq!(stored_batches(&store), old);
+    }
+
+    #[test]
+    fn batch_bytes_live_in_files_that_go_when_their_last_batch_is_reclaimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        let big = "x".repeat(1 << 20);
+        // 70 batches of 1 MiB: more than one 64 MiB file.
+        for _ in 0..70 {
+            produce(&store, "t", 0, &[big.as_str()], 2);
+        }
+        assert_eq!(batch_file_paths(dir.path()).len(), 2);
+        let in_sled: usize = store.current().unwrap().generation.records.iter().map(|kv| kv.unwrap().1.len()).sum();
+        assert!(in_sled < 70 * 100, "sled holds references only, not the {} MiB of batches ({in_sled} B)", 70);
+        assert!(store.size_on_disk().unwrap() > 70 << 20);
+        assert_eq!(store.read("t", 0, 69, 1, 1).unwrap().records[0].1.value.len(), 1 << 20);
+
+        store.apply(&[Some(&Command::DeleteTopic { name: name("t") })], Bytes::from_static(b"3")).unwrap();
+        while store.reclaim(16).unwrap() > 0 {}
+        // Both go, the one still open for appends too.
+        assert_eq!(batch_file_paths(dir.path()).len(), 0);
+        assert_eq!(store.size_on_disk().unwrap(), store.inner.db.size_on_disk().unwrap());
+        // Appends go on in a new file.
+        let create = Command::CreateTopic { name: name("u"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"4")).unwrap();
+        produce(&store, "u", 0, &["after"], 5);
+        assert_eq!(batch_file_paths(dir.path()).len(), 1);
+        drop(store);
+        let store = open_store(dir.path());
+        assert!(store.lost_data().unwrap().is_none());
+        assert_eq!(store.read("u", 0, 0, 10, 1 << 20).unwrap().records.len(), 1);
+    }
+
+    #[test]
+    fn batches_cut_short_by_a_power_loss_are_found_at_open_and_the_store_rolls_back_to_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        produce(&store, "t", 0, &["a", "b"], 2);
+        let manifest = store.capture_snapshot().unwrap();
+        store.flush_durable().unwrap();
+        store.pin_snapshot(&manifest).unwrap();
+        produce(&store, "t", 0, &["c"], 3);
+        produce(&store, "t", 0, &["d"], 4);
+        store.inner.db.flush().unwrap();
+        drop(store);
+        // A power loss kept sled's references but not the last bytes written to the file.
+        let file = batch_file_paths(dir.path()).pop().unwrap();
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - 3).unwrap();
+
+        let store = open_store(dir.path());
+        let reason = store.lost_data().unwrap().expect("the cut batch is found at open");
+        assert!(reason.contains("cannot read"), "{reason}");
+        store.pin_snapshot(&manifest).unwrap();
+        let rebuilt = store.rebuild_from(Some(&manifest)).unwrap().unwrap();
+        assert!(store.lost_data().unwrap().is_none());
+        assert_eq!(rebuilt.applied(), manifest.applied());
+        assert_eq!(store.applied().unwrap(), manifest.applied());
+        let r = store.read("t", 0, 0, 10, 1 << 20).unwrap();
+        assert_eq!(r.end_offset, 2);
+        let vals: Vec<_> = r.records.iter().map(|(_, r)| r.value.clone()).collect();
+        assert_eq!(vals, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        // The log replays what came after; offsets continue from the snapshot.
+        assert!(matches!(produce(&store, "t", 0, &["c"], 3), CommandResponse::Produced { base_offset: 2, .. }));
+        drop(store);
+        let store = open_store(dir.path());
+        assert!(store.lost_data().unwrap().is_none());
+        assert_eq!(store.read("t", 0, 0, 10, 1 << 20).unwrap().records.len(), 3);
+
+        // No snapshot at all: back to the empty store, and the log replays from its start.
+        let store2_dir = tempfile::tempdir().unwrap();
+        let s2 = open_store(store2_dir.path());
+        s2.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        produce(&s2, "t", 0, &["a"], 2);
+        s2.inner.db.flush().unwrap();
+        drop(s2);
+        let file = batch_file_paths(store2_dir.path()).pop().unwrap();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(0).unwrap();
+        let s2 = open_store(store2_dir.path());
+        assert!(s2.lost_data().unwrap().is_some());
+        assert!(s2.rebuild_from(None).unwrap().is_none());
+        assert_eq!(s2.applied().unwrap(), None);
+        assert!(s2.list_topics().unwrap().is_empty());
     }
 
     fn idem(store: &TopicStore, topic: &str, p: u32, pid: u64, seq: u64, v: &str) -> CommandResponse {
@@ -1668,7 +2051,7 @@ mod tests {
     #[test]
     fn idempotent_producer_retries_get_original_offsets_and_gaps_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         let create = Command::CreateTopic { name: name("t"), partitions: 2, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         let a = new_producer(&store);
@@ -1722,7 +2105,7 @@ mod tests {
         let b_dir = tempfile::tempdir().unwrap();
         let pid;
         {
-            let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
+            let a = open_store(a_dir.path());
             let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
             a.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
             pid = new_producer(&a);
@@ -1730,13 +2113,13 @@ mod tests {
             idem(&a, "t", 0, pid, 1, "v1");
             a.flush_durable().unwrap();
         }
-        let a = TopicStore::open(a_dir.path(), &TopicStoreOptions::default()).unwrap();
+        let a = open_store(a_dir.path());
         assert_eq!(
             idem(&a, "t", 0, pid, 1, "v1"),
             CommandResponse::Produced { base_offset: 1, count: 1, duplicate: true }
         );
         let (_, buf) = a.export_snapshot(&a.capture_snapshot().unwrap(), Vec::new()).unwrap();
-        let b = TopicStore::open(b_dir.path(), &TopicStoreOptions::default()).unwrap();
+        let b = open_store(b_dir.path());
         b.import_snapshot(&buf[..], "snap").unwrap();
         assert_eq!(
             idem(&b, "t", 0, pid, 0, "v0"),
@@ -1768,7 +2151,7 @@ mod tests {
     #[test]
     fn retention_drops_whole_old_batches_and_keeps_the_rest_readable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         let create = Command::CreateTopic { name: name("r"), partitions: 1, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         produce_at(&store, 1_000, 3); // offsets 0..3, old
@@ -1827,8 +2210,7 @@ mod tests {
     #[test]
     fn a_retention_cut_applied_with_the_batches_it_drops_counts_them_like_the_leader() {
         let dirs = [(); 2].map(|()| tempfile::tempdir().unwrap());
-        let [leader, follower] =
-            [0, 1].map(|i| TopicStore::open(dirs[i].path(), &TopicStoreOptions::default()).unwrap());
+        let [leader, follower] = [0, 1].map(|i| open_store(dirs[i].path()));
         let create = Command::CreateTopic { name: name("r"), partitions: 1, config: TopicConfig::default() };
         let produce = |ts: i64, n: usize| Command::Produce {
             topic: name("r"),
@@ -1872,7 +2254,7 @@ mod tests {
     #[test]
     fn a_snapshot_manifest_keeps_its_batches_until_a_newer_one_is_pinned() {
         let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
-        let [a, b, c] = [0, 1, 2].map(|i| TopicStore::open(dirs[i].path(), &TopicStoreOptions::default()).unwrap());
+        let [a, b, c] = [0, 1, 2].map(|i| open_store(dirs[i].path()));
         let create = |n: &str| Command::CreateTopic { name: name(n), partitions: 1, config: TopicConfig::default() };
         a.apply(&[Some(&create("r")), Some(&create("gone"))], Bytes::from_static(b"1")).unwrap();
         produce_at(&a, 1_000, 3); // 0..3
@@ -1918,10 +2300,14 @@ mod tests {
         assert!(c.topic("gone").unwrap().is_none());
     }
 
-    /// Every stored batch of a store: (key, value) in key order.
+    /// Every stored batch of a store: (key, stored value) in key order.
     fn stored_batches(store: &TopicStore) -> Vec<(Vec<u8>, Vec<u8>)> {
         let cur = store.current().unwrap();
-        cur.generation.records.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()).collect()
+        let resolve = |v: &[u8]| {
+            let r = BatchRef::decode(&|| "ref".into(), v).unwrap();
+            store.inner.files.read(&|| "batch".into(), &r).unwrap()
+        };
+        cur.generation.records.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), resolve(&v))).unwrap()).collect()
     }
 
     fn small_produce(topic: &str, p: u32, v: &str, producer: Option<ProducerSeq>) -> Command {
@@ -1934,7 +2320,7 @@ mod tests {
     #[test]
     fn the_produce_commands_of_one_entry_are_stored_as_one_batch_per_partition() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         let create = Command::CreateTopic { name: name("m"), partitions: 2, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         let pid = match store.apply(&[Some(&Command::InitProducerId)], Bytes::from_static(b"2")).unwrap().remove(0) {
@@ -1981,7 +2367,7 @@ mod tests {
     #[test]
     fn merged_batches_are_bounded_in_size() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TopicStore::open(dir.path(), &TopicStoreOptions::default()).unwrap();
+        let store = open_store(dir.path());
         let create = Command::CreateTopic { name: name("m"), partitions: 1, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         let kib = "k".repeat(1000);
@@ -2019,11 +2405,11 @@ mod tests {
                 .chain(std::iter::once(small_produce("m", 0, "alone", None)))
                 .collect();
         let one_call = tempfile::tempdir().unwrap();
-        let a = TopicStore::open(one_call.path(), &TopicStoreOptions::default()).unwrap();
+        let a = open_store(one_call.path());
         let all: Vec<Option<&Command>> = entries.iter().map(Some).collect();
         a.apply(&all, Bytes::from_static(b"end")).unwrap();
         let call_each = tempfile::tempdir().unwrap();
-        let b = TopicStore::open(call_each.path(), &TopicStoreOptions::default()).unwrap();
+        let b = open_store(call_each.path());
         for e in &entries {
             b.apply(&[Some(e)], Bytes::from_static(b"end")).unwrap();
         }

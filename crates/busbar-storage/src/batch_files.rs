@@ -1,0 +1,311 @@
+//! The files that hold stored record batches. sled keeps only a [`BatchRef`] per batch (where it is,
+//! its checksum and a summary); the bytes live here, written once.
+//!
+//! Why not in sled: sled 0.34 keeps up to 16 values in one leaf and rewrites the whole leaf on every
+//! consolidation and split, and stores a leaf above ~128 KiB as a file of its own. With batches of
+//! tens or hundreds of KiB every byte was written several times and the store took 1.2–1.4× the
+//! payload on disk (profile and figures in docs/benchmarks.md).
+//!
+//! Layout: `<store>/batches/<seq, 16 hex digits>.batches`, each file a run of stored batches (the
+//! crc-sealed values of [`crate::batch`]) back to back, appended only. A file belongs to one
+//! generation of the store; each generation appends to its own active file until it holds
+//! [`FILE_BYTES`], then starts the next. A file whose batches are all deleted is unlinked. After a
+//! restart nothing is appended to an existing file: a torn tail stays dead space.
+//!
+//! Durability: nothing is synced on append (the Raft log holds every entry above the last snapshot).
+//! [`BatchFiles::sync`] fdatasyncs every file written since the last sync and fsyncs the directory;
+//! the store calls it before sled's flush, and records how far each file was synced, so that at open
+//! it can tell which references may point past what reached the disk before a power loss.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{checked, durable, StoreError};
+
+/// A file is closed for appends once it holds this many bytes (a batch larger than the rest of the
+/// file still goes in whole).
+pub const FILE_BYTES: u64 = 64 << 20;
+
+const SUFFIX: &str = ".batches";
+
+/// Where a stored batch is and what it holds: the value of the records tree in sled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRef {
+    /// The file's sequence number.
+    pub file: u64,
+    pub pos: u64,
+    /// Length of the stored value (crc + batch encoding): what partition byte counts add up.
+    pub len: u32,
+    /// The value's crc32 (its first four bytes): a reference and the bytes it finds must agree.
+    pub crc: u32,
+    /// Newest record timestamp and record count, so retention and accounting need not read the file.
+    pub max_ts: i64,
+    pub count: u32,
+}
+
+impl BatchRef {
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        checked::seal_bincode("batch reference", self)
+    }
+
+    pub fn decode(what: &dyn Fn() -> String, value: &[u8]) -> Result<Self, StoreError> {
+        checked::open_bincode(what, value)
+    }
+
+    pub fn end(&self) -> u64 {
+        self.pos + u64::from(self.len)
+    }
+}
+
+struct OpenFile {
+    file: Arc<File>,
+    generation: Option<u64>,
+    len: u64,
+    /// References to batches in it, as the store counts them.
+    live: u64,
+}
+
+#[derive(Default)]
+struct State {
+    files: BTreeMap<u64, OpenFile>,
+    /// Per generation, the file it appends to.
+    active: BTreeMap<u64, u64>,
+    next_seq: u64,
+    /// Written since the last sync.
+    dirty: BTreeSet<u64>,
+    /// A file was created or unlinked since the last sync.
+    dir_dirty: bool,
+    /// A sync failed. No later sync may report success: the kernel may have dropped the pages that
+    /// failed to write (the WAL does the same).
+    poisoned: Option<String>,
+}
+
+pub struct BatchFiles {
+    dir: PathBuf,
+    state: Mutex<State>,
+}
+
+fn lock_err<T>(_: T) -> StoreError {
+    StoreError::corrupt("batch files lock", "a thread panicked while holding it")
+}
+
+impl BatchFiles {
+    /// Opens every batch file in `dir` (created if missing) for reading. Appends go to new files.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+        let mut st = State::default();
+        let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(seq) = name.strip_suffix(SUFFIX).and_then(|s| u64::from_str_radix(s, 16).ok()) else {
+                continue;
+            };
+            let path = entry.path();
+            let file = File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
+            let len = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?.len();
+            st.files.insert(seq, OpenFile { file: Arc::new(file), generation: None, len, live: 0 });
+            st.next_seq = st.next_seq.max(seq + 1);
+        }
+        Ok(Self { dir: dir.to_path_buf(), state: Mutex::new(st) })
+    }
+
+    fn path(&self, seq: u64) -> PathBuf {
+        self.dir.join(format!("{seq:016x}{SUFFIX}"))
+    }
+
+    /// Appends a stored batch value for `generation`; returns (file, position). Not synced. Counts
+    /// the reference the caller is about to store at once, so the file cannot be unlinked between
+    /// the write and the commit of that reference (if the commit fails, the count stays one too
+    /// high until the next open: the file lives a little longer, nothing is lost).
+    pub fn append(&self, generation: u64, value: &[u8]) -> Result<(u64, u64), StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        let active =
+            st.active.get(&generation).copied().filter(|seq| {
+                st.files.get(seq).is_some_and(|f| f.len == 0 || f.len + value.len() as u64 <= FILE_BYTES)
+            });
+        let seq = match active {
+            Some(seq) => seq,
+            None => {
+                let seq = st.next_seq;
+                let path = self.path(seq);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| StoreError::io(format!("create {}", path.display()), e))?;
+                st.next_seq += 1;
+                st.files.insert(seq, OpenFile { file: Arc::new(file), generation: Some(generation), len: 0, live: 0 });
+                st.dir_dirty = true;
+                if let Some(previous) = st.active.insert(generation, seq) {
+                    // Closed for appends: if nothing in it is referenced any more, it goes now.
+                    self.unlink_if_dead(&mut st, previous)?;
+                }
+                seq
+            }
+        };
+        let f = st.files.get_mut(&seq).ok_or_else(|| StoreError::corrupt("batch files", "active file vanished"))?;
+        let pos = f.len;
+        f.file
+            .write_all_at(value, pos)
+            .map_err(|e| StoreError::io(format!("write {}", self.path(seq).display()), e))?;
+        f.len += value.len() as u64;
+        f.live += 1;
+        st.dirty.insert(seq);
+        Ok((seq, pos))
+    }
+
+    /// Reads the stored value `r` names and checks it against the reference and its own crc.
+    pub fn read(&self, what: &dyn Fn() -> String, r: &BatchRef) -> Result<Vec<u8>, StoreError> {
+        let file = {
+            let st = self.state.lock().map_err(lock_err)?;
+            match st.files.get(&r.file) {
+                Some(f) => f.file.clone(),
+                None => return Err(StoreError::corrupt(what(), format!("its file {:016x} is missing", r.file))),
+            }
+        };
+        let mut buf = vec![0u8; r.len as usize];
+        file.read_exact_at(&mut buf, r.pos).map_err(|e| {
+            StoreError::corrupt(
+                what(),
+                format!("cannot read {} bytes at {} of file {:016x}: {e}", r.len, r.pos, r.file),
+            )
+        })?;
+        let crc = buf.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes);
+        if crc != Some(r.crc) {
+            return Err(StoreError::corrupt(
+                what(),
+                format!("file {:016x} at {} does not hold the batch its reference names", r.file, r.pos),
+            ));
+        }
+        checked::open(what, &buf)?;
+        Ok(buf)
+    }
+
+    /// Whether file `seq` exists (is open).
+    pub fn has(&self, seq: u64) -> Result<bool, StoreError> {
+        Ok(self.state.lock().map_err(lock_err)?.files.contains_key(&seq))
+    }
+
+    /// Counts one more reference to a batch in `seq`, which belongs to `generation`.
+    pub fn retain(&self, seq: u64, generation: u64) -> Result<(), StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        if let Some(f) = st.files.get_mut(&seq) {
+            f.live += 1;
+            f.generation.get_or_insert(generation);
+        }
+        Ok(())
+    }
+
+    /// Counts one reference fewer; unlinks the file once nothing in it is referenced. The file being
+    /// appended to goes too (the next append starts a new one), so deleting a topic frees its space
+    /// at once rather than when the file would have filled.
+    pub fn release(&self, seq: u64) -> Result<(), StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        if let Some(f) = st.files.get_mut(&seq) {
+            f.live = f.live.saturating_sub(1);
+        }
+        if st.files.get(&seq).is_some_and(|f| f.live == 0) {
+            st.active.retain(|_, a| *a != seq);
+        }
+        self.unlink_if_dead(&mut st, seq)
+    }
+
+    fn unlink_if_dead(&self, st: &mut State, seq: u64) -> Result<(), StoreError> {
+        let dead = st.files.get(&seq).is_some_and(|f| f.live == 0);
+        if dead && !st.active.values().any(|a| *a == seq) {
+            st.files.remove(&seq);
+            st.dirty.remove(&seq);
+            self.unlink(st, seq)?;
+        }
+        Ok(())
+    }
+
+    fn unlink(&self, st: &mut State, seq: u64) -> Result<(), StoreError> {
+        let path = self.path(seq);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(format!("remove {}", path.display()), e)),
+        }
+        st.dir_dirty = true;
+        Ok(())
+    }
+
+    /// Unlinks every file that no reference was counted for (run once at open, after counting) and
+    /// every file of a generation other than `current`.
+    pub fn drop_unreferenced(&self, current: u64) -> Result<usize, StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        let dead: Vec<u64> = st
+            .files
+            .iter()
+            .filter(|(_, f)| f.live == 0 || f.generation.is_some_and(|g| g != current))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &dead {
+            st.files.remove(seq);
+            st.dirty.remove(seq);
+            st.active.retain(|_, a| a != seq);
+            self.unlink(&mut st, *seq)?;
+        }
+        Ok(dead.len())
+    }
+
+    /// Unlinks every file of `generation` (replaced by a snapshot install, or a failed one).
+    pub fn drop_generation(&self, generation: u64) -> Result<(), StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        let gone: Vec<u64> =
+            st.files.iter().filter(|(_, f)| f.generation == Some(generation)).map(|(seq, _)| *seq).collect();
+        st.active.remove(&generation);
+        for seq in gone {
+            st.files.remove(&seq);
+            st.dirty.remove(&seq);
+            self.unlink(&mut st, seq)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every byte appended so far durable (fdatasync of each file written since the last
+    /// sync, fsync of the directory if files came or went). Returns each file's length as synced.
+    pub fn sync(&self) -> Result<BTreeMap<u64, u64>, StoreError> {
+        let (files, dir_dirty, lengths) = {
+            let mut st = self.state.lock().map_err(lock_err)?;
+            if let Some(reason) = &st.poisoned {
+                return Err(StoreError::io("sync batch files", std::io::Error::other(reason.clone())));
+            }
+            let dirty = std::mem::take(&mut st.dirty);
+            let files: Vec<(u64, Arc<File>)> =
+                dirty.iter().filter_map(|seq| st.files.get(seq).map(|f| (*seq, f.file.clone()))).collect();
+            let lengths = st.files.iter().map(|(seq, f)| (*seq, f.len)).collect();
+            (files, std::mem::take(&mut st.dir_dirty), lengths)
+        };
+        let synced = files
+            .iter()
+            .try_for_each(|(seq, f)| {
+                f.sync_data().map_err(|e| StoreError::io(format!("fdatasync {}", self.path(*seq).display()), e))
+            })
+            .and_then(|()| if dir_dirty { durable::fsync_path(&self.dir) } else { Ok(()) });
+        if let Err(e) = &synced {
+            if let Ok(mut st) = self.state.lock() {
+                st.poisoned = Some(e.to_string());
+            }
+        }
+        synced.map(|()| lengths)
+    }
+
+    /// Bytes in batch files.
+    pub fn size(&self) -> Result<u64, StoreError> {
+        Ok(self.state.lock().map_err(lock_err)?.files.values().map(|f| f.len).sum())
+    }
+
+    /// Number of batch files.
+    pub fn count(&self) -> Result<usize, StoreError> {
+        Ok(self.state.lock().map_err(lock_err)?.files.len())
+    }
+}
