@@ -110,6 +110,9 @@ impl BatchFiles {
             let file = File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
             let len = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?.len();
             st.files.insert(seq, OpenFile { file: Arc::new(file), generation: None, len, live: 0 });
+            // After a process crash its tail may still be in the page cache only: the next sync
+            // covers it before any sync mark does.
+            st.dirty.insert(seq);
             st.next_seq = st.next_seq.max(seq + 1);
         }
         Ok(Self { dir: dir.to_path_buf(), state: Mutex::new(st) })
@@ -186,6 +189,28 @@ impl BatchFiles {
         }
         checked::open(what, &buf)?;
         Ok(buf)
+    }
+
+    /// Never hands out `seq` or a lower number for a new file. A number is never reused: sled may
+    /// still hold references (unreachable ones, of reclaimed batches whose deletion did not reach the
+    /// disk) or a sync mark naming a file that was unlinked, and those must never come to mean a new
+    /// file's bytes.
+    pub fn reserve_numbers_through(&self, seq: u64) -> Result<(), StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        st.next_seq = st.next_seq.max(seq.saturating_add(1));
+        Ok(())
+    }
+
+    /// Forgets every reference count (the store counts them afresh at open).
+    pub fn reset_counts(&self) -> Result<(), StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        st.files.values_mut().for_each(|f| f.live = 0);
+        Ok(())
+    }
+
+    /// Whether the file `r` names exists and is long enough to hold it.
+    pub fn holds(&self, r: &BatchRef) -> Result<bool, StoreError> {
+        Ok(self.state.lock().map_err(lock_err)?.files.get(&r.file).is_some_and(|f| f.len >= r.end()))
     }
 
     /// Whether file `seq` exists (is open).

@@ -212,6 +212,8 @@ struct Inner {
     group_offsets_moved: std::sync::atomic::AtomicU64,
     /// The bytes of every stored batch.
     files: BatchFiles,
+    /// Serializes `flush_durable`.
+    flushing: Mutex<()>,
     /// Set at open when a reachable reference names bytes that are not on disk (see the module
     /// documentation); cleared by [`TopicStore::rebuild_from`].
     lost: Mutex<Option<String>>,
@@ -307,6 +309,10 @@ impl TopicStore {
             Some(v) => checked::open_bincode(&|| "batch files sync mark".into(), &v)?,
             None => BTreeMap::new(),
         };
+        for seq in synced.keys() {
+            files.reserve_numbers_through(*seq)?;
+        }
+        files.reset_counts()?;
         let lost = count_references(&generation, &meta, &files, &synced)?;
         if let Some(reason) = &lost {
             tracing::error!(%reason, "the store names batch bytes that are not on disk");
@@ -325,6 +331,7 @@ impl TopicStore {
                 groups: RwLock::new(groups),
                 group_offsets_moved: std::sync::atomic::AtomicU64::new(0),
                 files,
+                flushing: Mutex::new(()),
                 lost: Mutex::new(lost),
             }),
         })
@@ -575,6 +582,8 @@ impl TopicStore {
     /// Makes everything applied so far durable, against power loss (see [`crate::durable`]).
     /// Called before the Raft log below the applied index may be purged.
     pub fn flush_durable(&self) -> Result<(), StoreError> {
+        // One at a time: a second caller must not write a mark while the first's fdatasyncs run.
+        let _one = self.inner.flushing.lock().map_err(lock_err)?;
         // The batch bytes first, then sled's references to them (and the mark saying how far the
         // files are synced, which `open` trusts).
         let synced = self.inner.files.sync()?;
@@ -993,6 +1002,13 @@ fn move_batches_to_files(db: &sled::Db, generation: &Generation, files: &BatchFi
             continue;
         }
         let what = || format!("batch key {k:?} of an earlier release");
+        // Already a reference (a conversion cut short in a way the progress key does not cover):
+        // leave it. An old batch that happens to decode as one names no batch file that exists.
+        if let Ok(r) = BatchRef::decode(&what, &v) {
+            if v.len() == 40 && files.holds(&r)? {
+                continue;
+            }
+        }
         batch::decode(&what, &v)?;
         let (max_ts, count) = batch::header(&what, &v)?;
         let crc = v.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
@@ -1008,10 +1024,11 @@ fn move_batches_to_files(db: &sled::Db, generation: &Generation, files: &BatchFi
         }
     }
     commit(&refs, &last)?;
-    generation.meta_tree.remove(PROGRESS_KEY)?;
-    db.flush()?;
+    // The layout key before the progress key goes: a crash between them must not restart the
+    // conversion over values that are references already.
     db.insert(LAYOUT_KEY, checked::seal_bincode("layout", &LAYOUT_BATCH_FILES)?)?;
     db.flush()?;
+    generation.meta_tree.remove(PROGRESS_KEY)?;
     tracing::info!(batches = moved, "moved stored batches from sled to batch files");
     Ok(())
 }
@@ -1046,6 +1063,7 @@ fn count_references(
                 continue;
             }
         };
+        files.reserve_numbers_through(r.file)?;
         if !files.has(r.file)? {
             if reachable {
                 lost.get_or_insert_with(|| format!("{}: its file {:016x} is missing", what(), r.file));
@@ -1935,6 +1953,60 @@ mod tests {
         // Converted once: a second open finds references and leaves them.
         let store = open_store(dir.path());
         assert_eq!(stored_batches(&store), old);
+    }
+
+    #[test]
+    fn a_conversion_cut_short_leaves_converted_references_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        for i in 0..5 {
+            produce(&store, "t", 0, &[format!("v{i}").as_str()], 2);
+        }
+        // References in place but no layout key: as if a conversion stopped after its last chunk.
+        store.inner.db.remove(LAYOUT_KEY).unwrap();
+        store.inner.db.flush().unwrap();
+        drop(store);
+        let store = open_store(dir.path());
+        assert_eq!(store.read("t", 0, 0, 10, 1 << 20).unwrap().records.len(), 5);
+    }
+
+    /// Reclaim unlinked a file, then the process died before sled's deletion of the references
+    /// reached the disk: the stale (unreachable) references come back at open. A new file must never
+    /// get the dead file's number, or their release would unlink it with live batches in it.
+    #[test]
+    fn a_batch_file_number_is_never_reused_after_stale_references_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        let create = |n: &str| Command::CreateTopic { name: name(n), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create("a"))], Bytes::from_static(b"1")).unwrap();
+        produce(&store, "a", 0, &["a1"], 2);
+        produce(&store, "a", 0, &["a2"], 3);
+        store.apply(&[Some(&Command::DeleteTopic { name: name("a") })], Bytes::from_static(b"4")).unwrap();
+        store.flush_durable().unwrap();
+        let cur = store.current().unwrap();
+        let saved: Vec<_> = cur.generation.records.iter().map(|kv| kv.unwrap()).collect();
+        let markers: Vec<_> = cur.generation.meta_tree.scan_prefix(b"reclaim/").map(|kv| kv.unwrap()).collect();
+        while store.reclaim(16).unwrap() > 0 {}
+        assert!(batch_file_paths(dir.path()).is_empty());
+        for (k, v) in &saved {
+            cur.generation.records.insert(k, v.clone()).unwrap();
+        }
+        for (k, v) in &markers {
+            cur.generation.meta_tree.insert(k, v.clone()).unwrap();
+        }
+        store.inner.db.flush().unwrap();
+        drop((store, cur));
+
+        let store = open_store(dir.path());
+        assert!(store.lost_data().unwrap().is_none(), "the stale references are unreachable");
+        store.apply(&[Some(&create("b"))], Bytes::from_static(b"5")).unwrap();
+        produce(&store, "b", 0, &["b1"], 6);
+        produce(&store, "b", 0, &["b2"], 7);
+        while store.reclaim(16).unwrap() > 0 {}
+        assert_eq!(store.read("b", 0, 0, 10, 1 << 20).unwrap().records.len(), 2);
+        assert_eq!(batch_file_paths(dir.path()).len(), 1);
     }
 
     #[test]
