@@ -5,6 +5,8 @@
 #   bash benches/soak.sh target/release/busbar 420
 #   BUSBAR_SNAPSHOT_EVERY=20000 bash benches/soak.sh target/release/busbar 420   # any server flag's
 #                                                          # BUSBAR_* variable reaches the nodes
+#   RATE=50000 bash benches/soak.sh target/release/busbar 1800   # a fixed offered load instead of
+#                                                          # as fast as possible (longer runs fit the disk)
 #
 # Needs target/release/busbar-load (cargo build --release -p busbar-benches --bin busbar-load).
 set -u
@@ -21,7 +23,8 @@ done
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$d"' EXIT
 sleep 4
 "$root/target/release/busbar-load" --system busbar --brokers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 \
-  --pids "$(IFS=,; echo "${pids[*]}")" --duration "$secs" --warmup 1 --mode throughput --api batched \
+  --pids "$(IFS=,; echo "${pids[*]}")" --duration "$secs" --warmup 1 --api batched \
+  $(if [ -n "${RATE:-}" ]; then echo "--mode rate --rate $RATE"; else echo "--mode throughput"; fi) \
   --record-size 100 --partitions 8 --producers 2 --consumers 1 --in-flight 4096 >"$d/load.out" 2>&1 &
 lp=$!
 start=$(date +%s)

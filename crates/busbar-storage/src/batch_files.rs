@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{checked, durable, StoreError};
+use crate::{batch, checked, durable, StoreError};
 
 /// A file is closed for appends once it holds this many bytes (a batch larger than the rest of the
 /// file still goes in whole).
@@ -162,6 +162,16 @@ impl BatchFiles {
         f.live += 1;
         st.dirty.insert(seq);
         Ok((seq, pos))
+    }
+
+    /// Appends a stored batch value (see [`crate::batch`]) for `generation` and returns the
+    /// reference to keep in sled. Its crc is not checked here: the caller made or checked the value.
+    pub fn store(&self, generation: u64, what: &dyn Fn() -> String, value: &[u8]) -> Result<BatchRef, StoreError> {
+        let (max_ts, count) = batch::header(what, value)?;
+        let crc = value.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
+        let len = u32::try_from(value.len()).map_err(|_| StoreError::corrupt(what(), "batch above 4 GiB"))?;
+        let (file, pos) = self.append(generation, value)?;
+        Ok(BatchRef { file, pos, len, crc, max_ts, count })
     }
 
     /// Reads the stored value `r` names and checks it against the reference and its own crc.

@@ -1010,11 +1010,7 @@ fn move_batches_to_files(db: &sled::Db, generation: &Generation, files: &BatchFi
             }
         }
         batch::decode(&what, &v)?;
-        let (max_ts, count) = batch::header(&what, &v)?;
-        let crc = v.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
-        let len = u32::try_from(v.len()).map_err(|_| StoreError::corrupt(what(), "batch above 4 GiB"))?;
-        let (file, pos) = files.append(generation.id, &v)?;
-        refs.insert(k.clone(), BatchRef { file, pos, len, crc, max_ts, count }.encode()?);
+        refs.insert(k.clone(), files.store(generation.id, &what, &v)?.encode()?);
         last = k.to_vec();
         moved += 1;
         pending += 1;
@@ -1233,11 +1229,7 @@ impl<'a> Work<'a> {
     fn store_batch(&mut self, (id, partition): (u32, u32), p: PendingBatch<'a>) -> Result<(), StoreError> {
         let encoded = batch::store(&p.parts);
         let what = || format!("new batch {id}/{partition}@{}", p.base);
-        let (max_ts, count) = batch::header(&what, &encoded)?;
-        let crc = encoded.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
-        let len = u32::try_from(encoded.len()).map_err(|_| StoreError::corrupt(what(), "batch above 4 GiB"))?;
-        let (file, pos) = self.files.append(self.generation, &encoded)?;
-        let reference = BatchRef { file, pos, len, crc, max_ts, count };
+        let reference = self.files.store(self.generation, &what, &encoded)?;
         let state = self.meta.partitions.entry((id, partition)).or_default();
         state.bytes += encoded.len() as u64;
         self.staged.insert((id, partition, p.base), (p.count, encoded.len() as u64));
@@ -1639,11 +1631,7 @@ fn fill_generation<R: Read>(
                 let (k, v) = body.split_at(16);
                 let what = || format!("snapshot batch {k:?}");
                 batch::decode(&what, v)?;
-                let (max_ts, records) = batch::header(&what, v)?;
-                let crc = v.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
-                let len = u32::try_from(v.len()).map_err(|_| reader.bad("batch above 4 GiB".into()))?;
-                let (file, pos) = files.append(gen.id, v)?;
-                batch.insert(k, BatchRef { file, pos, len, crc, max_ts, count: records }.encode()?);
+                batch.insert(k, files.store(gen.id, &what, v)?.encode()?);
                 pending += 1;
                 count += 1;
                 if pending >= FLUSH_EVERY {
