@@ -118,6 +118,11 @@ impl BatchFiles {
         Ok(Self { dir: dir.to_path_buf(), state: Mutex::new(st) })
     }
 
+    /// The directory the files live in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn path(&self, seq: u64) -> PathBuf {
         self.dir.join(format!("{seq:016x}{SUFFIX}"))
     }
@@ -126,7 +131,7 @@ impl BatchFiles {
     /// the reference the caller is about to store at once, so the file cannot be unlinked between
     /// the write and the commit of that reference (if the commit fails, the count stays one too
     /// high until the next open: the file lives a little longer, nothing is lost).
-    pub fn append(&self, generation: u64, value: &[u8]) -> Result<(u64, u64), StoreError> {
+    fn append(&self, generation: u64, value: &[u8]) -> Result<(u64, u64), StoreError> {
         let mut st = self.state.lock().map_err(lock_err)?;
         let active =
             st.active.get(&generation).copied().filter(|seq| {
@@ -174,7 +179,9 @@ impl BatchFiles {
         Ok(BatchRef { file, pos, len, crc, max_ts, count })
     }
 
-    /// Reads the stored value `r` names and checks it against the reference and its own crc.
+    /// Reads the stored value `r` names and checks that its stored crc is the one the reference
+    /// names (so a reference never hands out another batch's bytes). The crc over the bytes is
+    /// checked once, by whoever opens the value ([`batch::decode`], [`checked::open`]).
     pub fn read(&self, what: &dyn Fn() -> String, r: &BatchRef) -> Result<Vec<u8>, StoreError> {
         let file = {
             let st = self.state.lock().map_err(lock_err)?;
@@ -197,7 +204,6 @@ impl BatchFiles {
                 format!("file {:016x} at {} does not hold the batch its reference names", r.file, r.pos),
             ));
         }
-        checked::open(what, &buf)?;
         Ok(buf)
     }
 
@@ -218,14 +224,9 @@ impl BatchFiles {
         Ok(())
     }
 
-    /// Whether the file `r` names exists and is long enough to hold it.
-    pub fn holds(&self, r: &BatchRef) -> Result<bool, StoreError> {
-        Ok(self.state.lock().map_err(lock_err)?.files.get(&r.file).is_some_and(|f| f.len >= r.end()))
-    }
-
-    /// Whether file `seq` exists (is open).
-    pub fn has(&self, seq: u64) -> Result<bool, StoreError> {
-        Ok(self.state.lock().map_err(lock_err)?.files.contains_key(&seq))
+    /// The length of file `seq`, if it exists (is open).
+    pub fn file_len(&self, seq: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self.state.lock().map_err(lock_err)?.files.get(&seq).map(|f| f.len))
     }
 
     /// Counts one more reference to a batch in `seq`, which belongs to `generation`.

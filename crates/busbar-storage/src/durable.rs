@@ -11,14 +11,18 @@ use std::path::Path;
 
 use crate::StoreError;
 
-pub fn fsync_tree(dir: &Path) -> Result<(), StoreError> {
+/// fsyncs every file and directory under `dir` except the directories in `skip` (made durable by
+/// their owner: the batch files sync only what was written since their last sync).
+pub fn fsync_tree(dir: &Path, skip: &[&Path]) -> Result<(), StoreError> {
     let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
     for entry in entries {
         let Ok(entry) = entry else { continue };
         let path = entry.path();
         let Ok(ft) = entry.file_type() else { continue };
         if ft.is_dir() {
-            fsync_tree(&path)?;
+            if !skip.contains(&path.as_path()) {
+                fsync_tree(&path, skip)?;
+            }
         } else if ft.is_file() {
             fsync_if_present(&path)?;
         }

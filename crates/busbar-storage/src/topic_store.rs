@@ -589,7 +589,7 @@ impl TopicStore {
         let synced = self.inner.files.sync()?;
         self.inner.db.insert(BATCHES_SYNCED_KEY, checked::seal_bincode("batch files sync mark", &synced)?)?;
         self.inner.db.flush()?;
-        durable::fsync_tree(&self.inner.path)
+        durable::fsync_tree(&self.inner.path, &[self.inner.files.dir()])
     }
 
     /// Takes a snapshot of the store at its last applied position, as a manifest naming the batches
@@ -1005,7 +1005,7 @@ fn move_batches_to_files(db: &sled::Db, generation: &Generation, files: &BatchFi
         // Already a reference (a conversion cut short in a way the progress key does not cover):
         // leave it. An old batch that happens to decode as one names no batch file that exists.
         if let Ok(r) = BatchRef::decode(&what, &v) {
-            if v.len() == 40 && files.holds(&r)? {
+            if v.len() == 40 && files.file_len(r.file)?.is_some_and(|len| len >= r.end()) {
                 continue;
             }
         }
@@ -1060,7 +1060,7 @@ fn count_references(
             }
         };
         files.reserve_numbers_through(r.file)?;
-        if !files.has(r.file)? {
+        if files.file_len(r.file)?.is_none() {
             if reachable {
                 lost.get_or_insert_with(|| format!("{}: its file {:016x} is missing", what(), r.file));
             }
@@ -1068,7 +1068,7 @@ fn count_references(
         }
         files.retain(r.file, generation.id)?;
         if reachable && synced.get(&r.file).is_none_or(|len| *len < r.end()) {
-            if let Err(e) = files.read(&what, &r) {
+            if let Err(e) = files.read(&what, &r).and_then(|stored| checked::open(&what, &stored).map(drop)) {
                 lost.get_or_insert_with(|| e.to_string());
             }
         }
