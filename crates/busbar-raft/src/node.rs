@@ -30,6 +30,7 @@ pub struct RaftConfig {
     /// Most entries in one AppendEntries message (each entry is at most one produce batch).
     pub max_entries_per_append: u64,
     pub wal_segment_bytes: u64,
+    /// sled's cache (see `TopicStoreOptions::cache_bytes`; `--store-cache-mib`).
     pub sled_cache_bytes: u64,
     /// Test hook: links cut between in-process nodes. `None` in production.
     pub partitions: Option<Partitions>,
@@ -47,7 +48,7 @@ impl Default for RaftConfig {
             logs_to_keep: 5_000,
             max_entries_per_append: 64,
             wal_segment_bytes: 64 << 20,
-            sled_cache_bytes: 64 << 20,
+            sled_cache_bytes: 16 << 20,
             partitions: None,
         }
     }

@@ -144,13 +144,15 @@ pub struct FetchResult {
 
 #[derive(Clone, Debug)]
 pub struct TopicStoreOptions {
-    /// sled's page cache. Bounded so memory does not grow with data volume.
+    /// sled's page cache, in sled's on-disk page bytes (a cached page takes about twice that in
+    /// memory). It bounds what the index costs in memory: sled keeps every page it wrote or read
+    /// until the cache is full, so below this a node's memory grows with its data.
     pub cache_bytes: u64,
 }
 
 impl Default for TopicStoreOptions {
     fn default() -> Self {
-        Self { cache_bytes: 64 << 20 }
+        Self { cache_bytes: 16 << 20 }
     }
 }
 

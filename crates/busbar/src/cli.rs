@@ -137,6 +137,12 @@ pub struct ServerArgs {
     /// Log entries kept below a snapshot (lagging followers catch up from them).
     #[arg(long, env = "BUSBAR_LOGS_TO_KEEP", default_value_t = 5_000)]
     pub logs_to_keep: u64,
+    /// sled's cache of the store's index (batch references, partition, group and producer state),
+    /// in MiB of sled's on-disk page size (its in-memory size is larger, about 2x). A node's memory
+    /// grows with its data until the index outgrows this cache, then stays flat; index pages that
+    /// fall out are read back from disk (docs/operations.md, sizing).
+    #[arg(long, env = "BUSBAR_STORE_CACHE_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub store_cache_mib: u64,
     /// Largest record accepted, in bytes.
     #[arg(long, env = "BUSBAR_MAX_RECORD_BYTES", default_value_t = 1 << 20)]
     pub max_record_bytes: usize,
@@ -232,6 +238,7 @@ fn server_config(mut a: ServerArgs) -> anyhow::Result<ServerConfig> {
     cfg.raft.election_timeout_max_ms = a.election_timeout_max_ms;
     cfg.raft.snapshot_every = a.snapshot_every.max(1);
     cfg.raft.logs_to_keep = a.logs_to_keep;
+    cfg.raft.sled_cache_bytes = a.store_cache_mib << 20;
     cfg.limits = Limits {
         max_record_bytes: a.max_record_bytes,
         max_batch_bytes: a.max_batch_bytes,
@@ -305,5 +312,23 @@ mod tests {
         assert!(parse_peers("x=a:1").is_err());
         assert!(parse_peers("1=nohostport").is_err());
         assert!(parse_peers("1").is_err());
+    }
+
+    fn server_args(extra: &[&str]) -> Result<ServerArgs, clap::Error> {
+        let argv = ["busbar", "server"].iter().chain(extra).copied();
+        match Cli::try_parse_from(argv)?.command {
+            Command::Server(a) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_store_cache_is_16_mib_by_default_settable_and_never_zero() {
+        let cfg = server_config(server_args(&[]).unwrap()).unwrap();
+        assert_eq!(cfg.raft.sled_cache_bytes, 16 << 20);
+        let cfg = server_config(server_args(&["--store-cache-mib", "256"]).unwrap()).unwrap();
+        assert_eq!(cfg.raft.sled_cache_bytes, 256 << 20);
+        let err = server_args(&["--store-cache-mib", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--store-cache-mib") && err.contains("1.."), "{err}");
     }
 }
