@@ -48,7 +48,7 @@ impl Default for RaftConfig {
             logs_to_keep: 5_000,
             max_entries_per_append: 64,
             wal_segment_bytes: 64 << 20,
-            sled_cache_bytes: 16 << 20,
+            sled_cache_bytes: TopicStoreOptions::DEFAULT_CACHE_BYTES,
             partitions: None,
         }
     }

@@ -115,6 +115,9 @@ impl BatchFiles {
             st.dirty.insert(seq);
             st.next_seq = st.next_seq.max(seq + 1);
         }
+        // Nor may the directory entries of files created just before a crash be durable yet:
+        // the first sync fsyncs the directory too (the store's own flush skips it).
+        st.dir_dirty = !st.files.is_empty();
         Ok(Self { dir: dir.to_path_buf(), state: Mutex::new(st) })
     }
 
@@ -173,7 +176,7 @@ impl BatchFiles {
     /// reference to keep in sled. Its crc is not checked here: the caller made or checked the value.
     pub fn store(&self, generation: u64, what: &dyn Fn() -> String, value: &[u8]) -> Result<BatchRef, StoreError> {
         let (max_ts, count) = batch::header(what, value)?;
-        let crc = value.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes).unwrap_or(0);
+        let crc = checked::stored_crc(value).unwrap_or(0);
         let len = u32::try_from(value.len()).map_err(|_| StoreError::corrupt(what(), "batch above 4 GiB"))?;
         let (file, pos) = self.append(generation, value)?;
         Ok(BatchRef { file, pos, len, crc, max_ts, count })
@@ -197,8 +200,7 @@ impl BatchFiles {
                 format!("cannot read {} bytes at {} of file {:016x}: {e}", r.len, r.pos, r.file),
             )
         })?;
-        let crc = buf.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map(u32::from_le_bytes);
-        if crc != Some(r.crc) {
+        if checked::stored_crc(&buf) != Some(r.crc) {
             return Err(StoreError::corrupt(
                 what(),
                 format!("file {:016x} at {} does not hold the batch its reference names", r.file, r.pos),

@@ -13,6 +13,11 @@ pub fn seal(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The crc a sealed value says its payload has (its first four bytes), if it is long enough.
+pub fn stored_crc(value: &[u8]) -> Option<u32> {
+    value.first_chunk::<4>().map(|crc| u32::from_le_bytes(*crc))
+}
+
 /// Verifies and strips the envelope. `what` names the value in the error.
 pub fn open<'a>(what: &dyn Fn() -> String, value: &'a [u8]) -> Result<&'a [u8], StoreError> {
     let Some((crc, payload)) = value.split_first_chunk::<4>() else {

@@ -3,16 +3,19 @@
 //! sled 0.34's `flush()` writes through `sync_file_range` on Linux, which survives a crash of the
 //! process but not of the machine (see docs/storage.md). Busbar purges the Raft log below the
 //! applied index only after the state machine is durable, so after `flush()` we fsync every file of
-//! the sled directory and the directories themselves: fsync on any descriptor of a file flushes that
-//! file's dirty pages and metadata.
+//! the sled directory and the directories themselves (fsync on any descriptor of a file flushes that
+//! file's dirty pages and metadata) — except the batch files' directory, which `BatchFiles::sync`
+//! has just made durable: its files, and the directory itself whenever an entry was created or
+//! removed since its last sync, or it was opened after a crash.
 
 use std::fs::File;
 use std::path::Path;
 
 use crate::StoreError;
 
-/// fsyncs every file and directory under `dir` except the directories in `skip` (made durable by
-/// their owner: the batch files sync only what was written since their last sync).
+/// fsyncs every file and directory under `dir` except the directories in `skip` and what is in
+/// them (made durable by their owner: the batch files sync only the files written and the
+/// directory changed since their last sync).
 pub fn fsync_tree(dir: &Path, skip: &[&Path]) -> Result<(), StoreError> {
     let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
     for entry in entries {
