@@ -139,8 +139,9 @@ pub struct ServerArgs {
     pub logs_to_keep: u64,
     /// sled's cache of the store's index (batch references, partition, group and producer state),
     /// in MiB of sled's on-disk page size (its in-memory size is larger, about 2x). A node's memory
-    /// grows with its data until the index outgrows this cache, then stays flat; index pages that
-    /// fall out are read back from disk (docs/operations.md, sizing).
+    /// grows with its data until the index outgrows this cache, then nearly stops (sled's per-page
+    /// bookkeeping, ~0.35 MiB per GiB stored); index pages that fall out are read back from disk
+    /// (docs/operations.md, sizing).
     #[arg(long, env = "BUSBAR_STORE_CACHE_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub store_cache_mib: u64,
     /// Largest record accepted, in bytes.
@@ -326,6 +327,9 @@ mod tests {
     fn the_store_cache_is_16_mib_by_default_settable_and_never_zero() {
         let cfg = server_config(server_args(&[]).unwrap()).unwrap();
         assert_eq!(cfg.raft.sled_cache_bytes, 16 << 20);
+        // The flag's default is the library's, which in-process nodes and tests get.
+        let lib = ServerConfig::single_node(1, "127.0.0.1:9501".parse().unwrap(), PathBuf::from("d"));
+        assert_eq!(cfg.raft.sled_cache_bytes, lib.raft.sled_cache_bytes);
         let cfg = server_config(server_args(&["--store-cache-mib", "256"]).unwrap()).unwrap();
         assert_eq!(cfg.raft.sled_cache_bytes, 256 << 20);
         let err = server_args(&["--store-cache-mib", "0"]).unwrap_err().to_string();
