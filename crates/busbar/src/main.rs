@@ -13,7 +13,8 @@ use clap::Parser;
 
 /// jemalloc rather than glibc's malloc: with glibc, a node's RSS grew about twice as fast as its
 /// live heap under a steady produce load (freed chunks stayed resident); jemalloc hands idle pages
-/// back to the kernel (docs/benchmarks.md, "Memory over a long run").
+/// back to the kernel (docs/benchmarks.md, "Memory over a long run"). Off only for heap profiling.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
