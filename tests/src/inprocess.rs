@@ -190,10 +190,13 @@ impl InProcessCluster {
     pub async fn dump(&self, id: NodeId, topic: &str, partition: u32) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
         let client = self.client_of(id).await?;
         let mut out = Vec::new();
-        // From the partition's start: retention may have dropped what came before.
-        let mut offset = client
-            .list_offsets(topic)
-            .await?
+        // From the partition's start on that node (retention may have dropped what came before),
+        // read from its store: ListOffsets answers from the leader only.
+        let node = self.nodes.get(&id).with_context(|| format!("node {id} is not running"))?;
+        let mut offset = node
+            .node
+            .store
+            .partition_offsets(topic)?
             .iter()
             .find(|o| o.partition == partition)
             .map(|o| o.start_offset)

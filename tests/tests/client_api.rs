@@ -256,12 +256,14 @@ async fn t20_per_key_order_across_many_keys() -> anyhow::Result<()> {
     }
     assert!(used.len() > 1, "50 keys should spread over several of the 6 partitions");
 
-    // What the log holds: each key's values in send order, each exactly once. Read up to the acked
-    // end of each partition: a follower asked for its end offset may not have applied the last
-    // entries yet (acks follow the leader's commit), which made this count short once in CI.
+    // What the log holds: each key's values in send order, each exactly once, and nothing past the
+    // last acknowledged offset (list_offsets is linearizable: it sees every acknowledged record).
+    let offsets = client.list_offsets("keys").await?;
     let mut total = 0;
     for p in 0..PARTITIONS {
         let n = by_key.values().flatten().filter(|m| m.partition == p).map(|m| m.offset + 1).max().unwrap_or(0);
+        let end = offsets.iter().find(|o| o.partition == p).map(|o| o.end_offset);
+        assert_eq!(end, Some(n), "partition {p}: the end offset is one past the last acknowledged record");
         let recs = consume_n(&client, "keys", p, n as usize).await?;
         total += recs.len();
         let mut next: HashMap<usize, usize> = HashMap::new();
@@ -388,7 +390,8 @@ async fn t35_a_kept_connection_to_a_stopped_broker_fails_over() -> anyhow::Resul
     Admin::new(client.clone()).create_topic("kept", 1).await?;
     // Asks the follower first (NOT_LEADER), then the leader.
     assert_eq!(client.produce("kept", 0, vec![Record::value("a")]).await?.base_offset, 0);
-    assert_eq!(client.list_offsets("kept").await?.len(), 1, "reads keep the follower's connection");
+    // Fetch is served by any node: this read keeps the connection to the follower.
+    client.fetch("kept", 0, 0, 10).await.map_err(|e| anyhow::anyhow!("read before the stop: {e}"))?;
     c.stop(follower).await?;
     let r = client.produce("kept", 0, vec![Record::value("b")]).await;
     assert_eq!(r.map_err(|e| anyhow::anyhow!("write after the stop: {e}"))?.base_offset, 1);
@@ -456,6 +459,47 @@ async fn t40_no_node_shows_an_uncommitted_record() -> anyhow::Result<()> {
         let values: Vec<Vec<u8>> = c.dump(id, "iso", 0).await?.into_iter().map(|(_, v)| v).collect();
         assert_eq!(values, vec![b"committed".to_vec(), b"after-heal".to_vec()], "node {id}");
     }
+    c.shutdown().await;
+    Ok(())
+}
+
+/// ListOffsets is linearizable: right after an acknowledgement, asked through any broker, the end
+/// offset counts that record; a follower answers NOT_LEADER with the leader's address; a leader
+/// cut off from its quorum answers nothing stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t41_list_offsets_counts_every_acknowledged_record() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    let leader = c.leader().await?;
+    let follower = c.ids().into_iter().find(|i| *i != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    // The follower first: every call starts there and is sent on to the leader.
+    let mut brokers = vec![c.addr(follower)];
+    brokers.extend(c.ids().into_iter().filter(|i| *i != follower).map(|i| c.addr(i)));
+    let client = Client::connect(brokers).await?;
+    client.create_topic("lin", 1).await?;
+    for i in 0..30u64 {
+        let ack = client.produce("lin", 0, vec![Record::value(format!("r{i}"))]).await?;
+        assert_eq!(ack.base_offset, i);
+        let end = client.list_offsets("lin").await?.first().map(|p| p.end_offset);
+        assert_eq!(end, Some(i + 1), "right after the ack of offset {i}");
+    }
+
+    match c.client_of(follower).await?.list_offsets("lin").await {
+        Err(ClientError::Api { code, leader_addr, .. }) => {
+            assert_eq!(code, codes::NOT_LEADER);
+            assert_eq!(leader_addr.as_deref(), Some(c.addr(leader).as_str()), "NOT_LEADER names the leader");
+        }
+        other => panic!("a follower must send ListOffsets to the leader, got {other:?}"),
+    }
+
+    let others: Vec<u64> = c.ids().into_iter().filter(|id| *id != leader).collect();
+    c.partitions.isolate(leader, others);
+    let cut_off = c.client_of(leader).await?;
+    let r = tokio::time::timeout(Duration::from_secs(15), cut_off.list_offsets("lin")).await?;
+    let code = r.err().and_then(|e| e.code());
+    assert!(
+        matches!(code, Some(codes::REQUEST_TIMED_OUT | codes::NOT_LEADER | codes::LEADER_NOT_AVAILABLE)),
+        "a leader without its quorum must not answer ListOffsets; got {code:?}"
+    );
     c.shutdown().await;
     Ok(())
 }

@@ -492,7 +492,8 @@ impl Client {
         self.api(ch).fetch(req).await.map(|r| r.into_inner()).map_err(|st| ClientError::from_status(&st))
     }
 
-    /// Each partition's first retained offset and end offset.
+    /// Each partition's first retained offset and end offset, from the leader after a quorum
+    /// round: the end counts every record whose produce was acknowledged before this call.
     pub async fn list_offsets(&self, topic: &str) -> Result<Vec<pb::PartitionOffsets>, ClientError> {
         let req = pb::ListOffsetsRequest { topic: topic.into() };
         self.with_retry(|ch| {

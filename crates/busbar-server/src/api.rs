@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::Limits;
 use crate::error::{self, api};
 use crate::propose::Proposer;
+use crate::read_index;
 
 /// Batches of one produce stream that may await their commit at once.
 const STREAM_IN_FLIGHT: usize = 64;
@@ -529,6 +530,9 @@ impl Busbar for BusbarService {
     ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
         let req = req.into_inner();
         topic_name(&req.topic)?;
+        // On the leader, after a quorum round: an end offset below a record whose produce was
+        // acknowledged before this call would send `seek_to_end` back over it.
+        read_index::confirm(&self.inner.node).await?;
         let offsets =
             self.inner.node.store.partition_offsets(&req.topic).map_err(|e| error::status(error::from_store(e)))?;
         Ok(Response::new(pb::ListOffsetsResponse { partitions: offsets.into_iter().map(offsets_to_wire).collect() }))

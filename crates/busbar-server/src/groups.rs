@@ -17,18 +17,17 @@ use busbar_proto::v1::groups_server::Groups;
 use busbar_raft::types::RaftMetrics;
 use busbar_raft::RaftNode;
 use busbar_storage::GroupView;
-use busbar_types::{ApiError, Command, ErrorCode, GroupName, OffsetReset, TopicName};
+use busbar_types::{Command, ErrorCode, GroupName, OffsetReset, TopicName};
 use openraft::error::ForwardToLeader;
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use crate::error::{self, api};
 use crate::propose::Proposer;
+use crate::read_index;
 
 /// How often the coordinator looks for expired sessions and completed revocations.
 const TICK: Duration = Duration::from_millis(200);
-/// Bound on a linearizable read (a quorum round trip).
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 type MemberKey = (String, String);
 
@@ -108,21 +107,6 @@ impl Coordinator {
 
     fn group_view(&self, group: &str) -> Result<Option<GroupView>, Status> {
         self.node.store.group(group).map_err(|e| error::status(error::from_store(e)))
-    }
-
-    /// A read that reflects every write committed before it began, and never an older state than a
-    /// previous read: a quorum confirms this node still leads, and it has applied up to then.
-    async fn linearizable(&self) -> Result<(), Status> {
-        match tokio::time::timeout(READ_TIMEOUT, self.node.raft.ensure_linearizable()).await {
-            Err(_) => {
-                Err(api(ErrorCode::RequestTimedOut, format!("no quorum confirmed leadership within {READ_TIMEOUT:?}")))
-            }
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(openraft::error::RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)))) => {
-                Err(error::status(error::not_leader(&f)))
-            }
-            Ok(Err(e)) => Err(error::status(ApiError::new(ErrorCode::LeaderNotAvailable, e.to_string()))),
-        }
     }
 
     fn new_member_id(&self, group: &str) -> String {
@@ -318,7 +302,7 @@ impl Groups for GroupsService {
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
         let c = &self.inner;
         let group = group_name(&req.into_inner().group)?;
-        c.linearizable().await?;
+        read_index::confirm(&c.node).await?;
         let view = c
             .group_view(group.as_str())?
             .ok_or_else(|| api(ErrorCode::GroupIdNotFound, format!("no group {group}")))?;
@@ -359,7 +343,7 @@ impl Groups for GroupsService {
         _req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let c = &self.inner;
-        c.linearizable().await?;
+        read_index::confirm(&c.node).await?;
         let groups = c.node.store.group_names().map_err(|e| error::status(error::from_store(e)))?;
         Ok(Response::new(pb::ListGroupsResponse { groups }))
     }

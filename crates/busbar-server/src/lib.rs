@@ -18,6 +18,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod propose;
+pub mod read_index;
 pub mod retention;
 pub mod server;
 
