@@ -463,6 +463,66 @@ async fn corrupt_wal_segment_makes_server_exit_naming_the_file() -> anyhow::Resu
     Ok(())
 }
 
+/// A follower killed under writes loses the tail of its WAL (the last segment cut at a frame
+/// boundary, halfway: entries it had acknowledged), restarts, and must be caught up again. The
+/// leader still counts those entries as matched on that follower, which now answers "conflict"
+/// below them (docs/jepsen.md, finding 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_whose_wal_lost_acknowledged_entries_is_caught_up_again() -> anyhow::Result<()> {
+    let mut c = ProcessCluster::new(BIN, ClusterOptions::default())?;
+    c.start_with_peers(3)?;
+    let (leader, _) = c.wait_for_leader(&[1, 2, 3], 1, FORMATION).await?;
+    let client = c.client(&[1, 2, 3]).await?;
+    client.create_topic("t", 1).await?;
+    let producer = Producer::spawn(client.clone(), "t", 0, "w");
+    producer.wait_for_more(300, Duration::from_secs(30)).await?;
+
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).context("no follower")?;
+    c.kill(follower)?;
+    let wal = c.data_dir(follower)?.join("raft-log");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal)
+        .with_context(|| format!("listing {}", wal.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    let seg = segs.last().with_context(|| format!("no segment in {}", wal.display()))?.clone();
+    let bytes = std::fs::read(&seg)?;
+    // A kill can leave a torn frame at the very end: cut among the whole frames before it.
+    let frames =
+        wal_frames(&bytes[..whole_frames_len(&bytes)]).with_context(|| format!("parsing {}", seg.display()))?;
+    ensure!(frames.len() >= 20, "{} holds only {} frames", seg.display(), frames.len());
+    let (cut, _) = frames[frames.len() / 2];
+    std::fs::OpenOptions::new().write(true).open(&seg)?.set_len(cut as u64)?;
+
+    c.restart(follower)?;
+    producer.wait_for_more(200, Duration::from_secs(30)).await.context("writes did not go on")?;
+    let report = producer.stop().await?;
+    let end = end_offset(&client, &c.addr(leader)?, "t", 0).await.context("leader's end offset")?;
+    wait_end_offset(&client, &addrs(&c, &[follower])?, "t", 0, end, CATCH_UP)
+        .await
+        .with_context(|| format!("node {follower} did not catch up after losing the tail of its WAL"))?;
+    let held = assert_identical(&client, &c, &[1, 2, 3], "t").await?;
+    check_contiguous("every node", &held)?;
+    check_acked_present("every node", &held, &report.acked)?;
+    c.finish();
+    Ok(())
+}
+
+/// How many bytes from the start of a segment are whole frames (what follows is a torn append).
+fn whole_frames_len(bytes: &[u8]) -> usize {
+    let mut off = 0;
+    while off + 16 <= bytes.len() {
+        let len = u32::from_le_bytes([bytes[off + 4], bytes[off + 5], bytes[off + 6], bytes[off + 7]]) as usize;
+        if off + 16 + len > bytes.len() {
+            break;
+        }
+        off += 16 + len;
+    }
+    off
+}
+
 /// The default address of `busbar server` and of the CLI's `--brokers`.
 const DEFAULT_ADDR: &str = "127.0.0.1:9501";
 
