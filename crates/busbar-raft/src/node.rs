@@ -90,7 +90,10 @@ impl RaftNode {
         // data dir fail here, before it could run WAL recovery under a live node.
         let store =
             TopicStore::open(&data_dir.join("state"), &TopicStoreOptions { cache_bytes: cfg.sled_cache_bytes })?;
-        let wal = Wal::open(&data_dir.join("raft-log"), WalOptions { segment_bytes: cfg.wal_segment_bytes })?;
+        let wal = Wal::open(
+            &data_dir.join("raft-log"),
+            WalOptions { segment_bytes: cfg.wal_segment_bytes, ..WalOptions::default() },
+        )?;
         let snapshots = SnapshotDir::open(&data_dir.join("snapshots"))?;
         let watchdog =
             ApplyWatchdog::start(APPLY_STALL_LIMIT, ApplyWatchdog::abort_process()).map_err(NodeError::Watchdog)?;

@@ -17,7 +17,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
         // Small segments so the suite's appends, truncations and purges cross segment boundaries.
-        let wal = Wal::open(&dir.path().join("log"), WalOptions { segment_bytes: 512 })
+        let wal = Wal::open(&dir.path().join("log"), WalOptions { segment_bytes: 512, ..WalOptions::default() })
             .map_err(|e| StorageIOError::write_logs(&e))?;
         let store = TopicStore::open(&dir.path().join("sm"), &TopicStoreOptions::default())
             .map_err(|e| StorageIOError::write_state_machine(&e))?;

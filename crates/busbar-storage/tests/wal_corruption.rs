@@ -14,8 +14,14 @@ fn payload(i: u64) -> Bytes {
     Bytes::from(format!("payload of entry {i}"))
 }
 
+/// No synced mark: these tests make a torn tail by cutting frames that were synced, which a log
+/// keeping the mark would rightly refuse. The mark's own tests say `marked()`.
 fn opts() -> WalOptions {
-    WalOptions { segment_bytes: 200 }
+    WalOptions { segment_bytes: 200, synced_mark_every: None }
+}
+
+fn marked() -> WalOptions {
+    WalOptions { segment_bytes: 200, synced_mark_every: Some(std::time::Duration::from_millis(20)) }
 }
 
 /// A closed log with entries `1..=n`, one append each, in several segments.
@@ -218,7 +224,7 @@ fn zeros_after_the_last_frame_are_dropped() {
 fn only_frame_of_the_last_segment_torn_removes_the_segment() {
     let dir = tempfile::tempdir().unwrap();
     build(dir.path(), 20);
-    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 }).unwrap();
+    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1, synced_mark_every: None }).unwrap();
     // With tiny segments the next append starts a segment of its own.
     wal.append(vec![(21, payload(21))], Box::new(|r| r.unwrap())).unwrap();
     wal.close().unwrap();
@@ -226,6 +232,90 @@ fn only_frame_of_the_last_segment_torn_removes_the_segment() {
     assert!(last.ends_with("00000000000000000021.seg"), "{last:?}");
     OpenOptions::new().write(true).open(&last).unwrap().set_len(FRAME_HEADER as u64 + 2).unwrap();
     assert_recovers_to(dir.path(), 20);
+}
+
+/// A closed log with entries `1..=n` and its synced mark (exact: `close` writes it).
+fn build_marked(dir: &Path, n: u64) {
+    let wal = Wal::open(dir, marked()).unwrap();
+    for i in 1..=n {
+        wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
+    }
+    wal.close().unwrap();
+}
+
+fn assert_refused_as_lost(r: Result<Wal, WalError>) {
+    match r {
+        Err(WalError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("synced mark") && reason.contains("acknowledged entries are gone"), "{reason}")
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("opened a log that lost synced entries"),
+    }
+}
+
+#[test]
+fn last_segment_cut_at_a_frame_boundary_below_the_synced_mark_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    build_marked(dir.path(), 20);
+    let last = segments(dir.path()).pop().unwrap();
+    // A clean cut: what is left parses as a whole log, only the mark can tell.
+    let frame = *frame_offsets(&last).last().unwrap();
+    OpenOptions::new().write(true).open(&last).unwrap().set_len(frame).unwrap();
+    assert_refused_as_lost(Wal::open(dir.path(), marked()));
+    // The same cut mid-frame, as a torn tail would look: refused too.
+    let dir = tempfile::tempdir().unwrap();
+    build_marked(dir.path(), 20);
+    let last = segments(dir.path()).pop().unwrap();
+    let len = std::fs::metadata(&last).unwrap().len();
+    OpenOptions::new().write(true).open(&last).unwrap().set_len(len - 3).unwrap();
+    assert_refused_as_lost(Wal::open(dir.path(), marked()));
+}
+
+#[test]
+fn the_last_segment_deleted_below_the_synced_mark_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    build_marked(dir.path(), 20);
+    std::fs::remove_file(segments(dir.path()).pop().unwrap()).unwrap();
+    assert_refused_as_lost(Wal::open(dir.path(), marked()));
+}
+
+#[test]
+fn the_mark_is_written_in_the_background_and_a_torn_tail_above_it_still_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), marked()).unwrap();
+    for i in 1..=10 {
+        wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
+    }
+    // Without a close: the writer thread records the synced end within a few of its periods.
+    let mark = dir.path().join("synced");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read(&mark).map(|b| b.len()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no synced mark after 10 s");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(wal);
+    // A tail appended after the mark and torn: an append never acknowledged, repaired as before.
+    let last = segments(dir.path()).pop().unwrap();
+    let mut f = OpenOptions::new().append(true).open(&last).unwrap();
+    f.write_all(&[0xde, 0xad, 0xbe, 0xef, 30, 0, 0, 0, 11, 0]).unwrap();
+    drop(f);
+    let wal = Wal::open(dir.path(), marked()).unwrap();
+    assert_eq!(wal.last_index(), Some(10));
+}
+
+#[test]
+fn truncate_lowers_the_mark_before_it_cuts() {
+    let dir = tempfile::tempdir().unwrap();
+    build_marked(dir.path(), 20);
+    let wal = Wal::open(dir.path(), marked()).unwrap();
+    wal.truncate(8).unwrap();
+    // Dropped without a close (as by a crash right after the truncate): the log that is left is whole.
+    drop(wal);
+    let wal = Wal::open(dir.path(), marked()).unwrap();
+    assert_eq!(wal.last_index(), Some(7));
+    wal.append(vec![(8, payload(80))], Box::new(|r| r.unwrap())).unwrap();
+    wal.close().unwrap();
+    assert_eq!(Wal::open(dir.path(), marked()).unwrap().last_index(), Some(8));
 }
 
 #[test]
@@ -245,7 +335,7 @@ fn gap_between_segments_refuses_to_open() {
 fn length_field_damaged_in_the_last_segment_with_frames_after_it_refuses_to_open() {
     // Entries 1..=20 in one segment; returns that segment.
     fn one_segment(dir: &Path) -> PathBuf {
-        let wal = Wal::open(dir, WalOptions { segment_bytes: 1 << 20 }).unwrap();
+        let wal = Wal::open(dir, WalOptions { segment_bytes: 1 << 20, synced_mark_every: None }).unwrap();
         for i in 1..=20 {
             wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
         }
@@ -265,11 +355,15 @@ fn length_field_damaged_in_the_last_segment_with_frames_after_it_refuses_to_open
     let last = one_segment(dir.path());
     let victim = frame_offsets(&last)[10];
     lengthen(&last, victim);
-    assert_corrupt_at(Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }), &last, victim);
+    assert_corrupt_at(
+        Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20, synced_mark_every: None }),
+        &last,
+        victim,
+    );
     // The same damage on the very last frame is a torn tail: nothing follows it.
     let dir = tempfile::tempdir().unwrap();
     let last = one_segment(dir.path());
     lengthen(&last, *frame_offsets(&last).last().unwrap());
-    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20 }).unwrap();
+    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1 << 20, synced_mark_every: None }).unwrap();
     assert_eq!(wal.last_index(), Some(19));
 }

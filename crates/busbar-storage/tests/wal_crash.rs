@@ -22,7 +22,7 @@ const MARK: &str = "WALACK ";
 
 fn opts() -> WalOptions {
     // Small segments so that kills also land around rotations.
-    WalOptions { segment_bytes: 32 * 1024 }
+    WalOptions { segment_bytes: 32 * 1024, ..WalOptions::default() }
 }
 
 /// Derived from the index alone, so that any entry read back can be checked.

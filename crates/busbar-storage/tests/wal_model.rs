@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use busbar_storage::wal::{Wal, WalError, WalOptions, FRAME_HEADER};
 use bytes::Bytes;
@@ -126,9 +127,11 @@ fn tear(path: &Path, cut_at: u64) -> Option<u64> {
     last_whole
 }
 
-fn run(ops: Vec<Op>, segment_bytes: u64) {
+/// `synced_mark_every`: `None` when `ops` tear the log (the torn-tail model cuts frames that were
+/// synced, which a log keeping the mark would rightly refuse); with a mark, every open must succeed.
+fn run(ops: Vec<Op>, segment_bytes: u64, synced_mark_every: Option<Duration>) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = WalOptions { segment_bytes };
+    let opts = WalOptions { segment_bytes, synced_mark_every };
     let acked = Arc::new(AtomicU64::new(0));
     let mut appended = 0u64;
     let mut wal = Wal::open(dir.path(), opts.clone()).unwrap();
@@ -229,7 +232,18 @@ proptest! {
 
     #[test]
     fn wal_matches_model(ops in proptest::collection::vec(op(), 1..60), segment_bytes in 1u64..300) {
-        run(ops, segment_bytes);
+        run(ops, segment_bytes, None);
+    }
+
+    /// The synced mark never makes the log refuse itself: truncates, purges and crashes (reopen
+    /// without close), with the mark written every millisecond.
+    #[test]
+    fn wal_with_a_synced_mark_matches_model_and_always_reopens(
+        ops in proptest::collection::vec(op(), 1..60),
+        segment_bytes in 1u64..300,
+    ) {
+        let ops = ops.into_iter().map(|op| match op { Op::TearAndReopen { .. } => Op::Reopen, op => op }).collect();
+        run(ops, segment_bytes, Some(Duration::from_millis(1)));
     }
 }
 
@@ -246,5 +260,5 @@ fn wal_matches_model_default_segments() {
             _ => Op::Append { n: (i % 5 + 1) as u8, start: 3, skew: 0, size: (i % 40) as u8 },
         })
         .collect();
-    run(ops, 64 << 20);
+    run(ops, 64 << 20, None);
 }

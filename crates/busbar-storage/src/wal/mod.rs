@@ -16,11 +16,13 @@
 //! a segment was created), then fires the callbacks in submission order.
 //!
 //! Files in the directory: `NNNNNNNNNNNNNNNNNNNN.seg` (20-digit index of the first frame), `vote`,
-//! `purged`; see `format` for their bytes and `recovery` for what opening repairs and what it refuses.
+//! `purged`, `synced`; see `format` and `synced_mark` for their bytes and `recovery` for what opening
+//! repairs and what it refuses.
 
 mod error;
 mod format;
 mod recovery;
+mod synced_mark;
 mod syncer;
 #[cfg(test)]
 mod tests;
@@ -34,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::{JoinHandle, ThreadId};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -51,11 +54,15 @@ pub struct WalOptions {
     /// A new segment is started by the first append after the active one reaches this size. One append
     /// never spans two segments, so a segment can exceed this by one append's bytes.
     pub segment_bytes: u64,
+    /// How often a background thread records the last synced index in the `synced` file, which
+    /// recovery checks the log against (see `synced_mark`). `None`: never (the log then cannot
+    /// tell a segment cut at a frame boundary from a torn tail).
+    pub synced_mark_every: Option<Duration>,
 }
 
 impl Default for WalOptions {
     fn default() -> Self {
-        WalOptions { segment_bytes: 64 << 20 }
+        WalOptions { segment_bytes: 64 << 20, synced_mark_every: Some(Duration::from_millis(200)) }
     }
 }
 
@@ -71,6 +78,7 @@ struct Inner {
     shared: Arc<Shared>,
     syncer: Mutex<Option<JoinHandle<()>>>,
     syncer_id: ThreadId,
+    marker: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Shared {
@@ -86,6 +94,11 @@ struct Shared {
     cut: RwLock<()>,
     /// Wakes the syncer when callbacks are queued or it must stop.
     wake_syncer: Condvar,
+    /// The synced mark. Taken before `state` when both are needed; held across the mark's write so
+    /// that a truncate's lowered mark is never overwritten by a higher one read before it.
+    mark: Mutex<synced_mark::SyncedMark>,
+    /// Wakes the mark writer early when it must stop.
+    wake_marker: Condvar,
     /// Signalled by the syncer after each round, for calls that wait until all appends are flushed.
     round_done: Condvar,
     sync_count: AtomicU64,
@@ -121,6 +134,12 @@ struct State {
     vote: Option<Bytes>,
     /// Callbacks of appends written but not yet covered by an fdatasync, in submission order.
     pending: Vec<FlushCallback>,
+    /// The end (last index + 1) of what the appends in `pending` wrote (`None` if they wrote none).
+    pending_end: Option<u64>,
+    /// The end of what fdatasync rounds have covered since open, for the synced mark. Starts unset:
+    /// entries found at open may be in the page cache only (after a process crash) until the next
+    /// round syncs their segment.
+    synced_end: Option<u64>,
     /// Segments written since the syncer last took this list (by base, deduplicated).
     dirty: Vec<(u64, Arc<File>)>,
     /// A segment was created since the syncer's last round: its directory entry must be made durable too.
@@ -199,6 +218,8 @@ impl Wal {
                 purged: rec.purged,
                 vote: rec.vote,
                 pending: Vec::new(),
+                pending_end: None,
+                synced_end: None,
                 dirty: Vec::new(),
                 dir_dirty: false,
                 submitted: 0,
@@ -209,6 +230,8 @@ impl Wal {
             }),
             cut: RwLock::new(()),
             wake_syncer: Condvar::new(),
+            mark: Mutex::new(rec.mark),
+            wake_marker: Condvar::new(),
             round_done: Condvar::new(),
             sync_count: AtomicU64::new(0),
             #[cfg(test)]
@@ -220,7 +243,25 @@ impl Wal {
             .spawn(move || syncer::run(&for_thread))
             .map_err(WalError::io("spawn syncer thread for", dir))?;
         let syncer_id = handle.thread().id();
-        Ok(Wal { inner: Arc::new(Inner { shared, syncer: Mutex::new(Some(handle)), syncer_id }) })
+        let marker = match shared.opts.synced_mark_every {
+            Some(every) => {
+                let for_thread = Arc::clone(&shared);
+                let spawned = std::thread::Builder::new()
+                    .name("busbar-wal-mark".into())
+                    .spawn(move || synced_mark::run(&for_thread, every));
+                match spawned {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        stop_threads(&shared, Some(handle), None);
+                        return Err(WalError::io("spawn synced-mark thread for", dir)(e));
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(Wal {
+            inner: Arc::new(Inner { shared, syncer: Mutex::new(Some(handle)), syncer_id, marker: Mutex::new(marker) }),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -421,6 +462,7 @@ impl Wal {
         if st.dirty.last().map(|(b, _)| *b) != Some(base) {
             st.dirty.push((base, file));
         }
+        st.pending_end = st.last().map(|l| l.saturating_add(1));
         st.pending.push(done);
         st.submitted += 1;
         sh.wake_syncer.notify_one();
@@ -432,6 +474,18 @@ impl Wal {
         let sh = &self.inner.shared;
         let _w = lock(&sh.writer);
         self.flush_pending("truncate")?;
+        // The mark first: once entries are cut it must not claim them, or recovery would refuse the log.
+        // Where the log will end: at `from`, or, if nothing live is left, after the purge point (a
+        // never purged log that is emptied may start anywhere next).
+        let end_after = {
+            let st = lock(&sh.state);
+            match st.purged.as_ref() {
+                _ if !st.index.is_empty() && from > st.first => from,
+                Some((p, _)) => p.saturating_add(1),
+                None => 0,
+            }
+        };
+        sh.lower_mark(end_after).map_err(|e| sh.fail(e))?;
         let _cut = sh.cut.write().unwrap_or_else(PoisonError::into_inner);
         let (removed, cut) = {
             let mut st = lock(&sh.state);
@@ -560,11 +614,19 @@ impl Wal {
             st.closed = true;
             st.stopping = true;
             sh.wake_syncer.notify_one();
+            sh.wake_marker.notify_one();
         }
         if let Some(handle) = lock(&self.inner.syncer).take() {
             if handle.join().is_err() {
                 return Err(WalError::Poisoned("the syncer thread panicked".into()));
             }
+        }
+        if let Some(handle) = lock(&self.inner.marker).take() {
+            if handle.join().is_err() {
+                return Err(WalError::Poisoned("the synced-mark thread panicked".into()));
+            }
+            // Everything is synced now: a graceful stop leaves an exact mark.
+            sh.advance_mark().map_err(|e| sh.fail(e))?;
         }
         match &lock(&sh.state).poisoned {
             Some(reason) => Err(WalError::Poisoned(reason.clone())),
@@ -603,16 +665,24 @@ impl Shared {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        {
-            let mut st = lock(&self.shared.state);
-            st.stopping = true;
-            self.shared.wake_syncer.notify_one();
-        }
-        let handle = lock(&self.syncer).take();
+        let syncer = lock(&self.syncer).take();
         // The last handle can be dropped by a callback on the syncer thread itself; it must not join itself.
-        if let Some(handle) = handle.filter(|_| std::thread::current().id() != self.syncer_id) {
-            let _ = handle.join();
-        }
+        let syncer = syncer.filter(|_| std::thread::current().id() != self.syncer_id);
+        stop_threads(&self.shared, syncer, lock(&self.marker).take());
+    }
+}
+
+/// Tells the syncer and the mark writer to stop, and waits for them (the syncer first drains what is
+/// queued).
+fn stop_threads(sh: &Shared, syncer: Option<JoinHandle<()>>, marker: Option<JoinHandle<()>>) {
+    {
+        let mut st = lock(&sh.state);
+        st.stopping = true;
+        sh.wake_syncer.notify_one();
+        sh.wake_marker.notify_one();
+    }
+    for handle in [syncer, marker].into_iter().flatten() {
+        let _ = handle.join();
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::format::{self, frame_crc, parse_header, FRAME_HEADER, MAX_ENTRY_BYTES, PURGED_FILE, TMP_SUFFIX, VOTE_FILE};
+use super::synced_mark::SyncedMark;
 use super::{Pos, Segment, WalError};
 
 pub(super) struct Recovered {
@@ -26,6 +27,7 @@ pub(super) struct Recovered {
     pub first: u64,
     pub purged: Option<(u64, Bytes)>,
     pub vote: Option<Bytes>,
+    pub mark: SyncedMark,
 }
 
 pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
@@ -98,6 +100,25 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
         format::sync_dir(dir)?;
     }
 
+    // A log that ends below the synced mark lost entries it had fdatasynced (and so acknowledged),
+    // however cleanly it ends: a torn tail is only ever above the mark.
+    let mark = SyncedMark::open(dir)?;
+    let end = expected.unwrap_or(0).max(purged_index.map_or(0, |p| p.saturating_add(1)));
+    if end < mark.end() {
+        let (file, offset) = segments.back().map_or((mark.path().to_path_buf(), 0), |s| (s.path.clone(), s.len));
+        return Err(WalError::corrupt(
+            file,
+            offset,
+            format!(
+                "the log ends before index {end}, but its synced mark ({}) says every entry before {} was \
+                 fdatasynced: acknowledged entries are gone (a segment was cut or lost); replace this node \
+                 (docs/operations.md, \"Replacing a dead node\")",
+                mark.path().display(),
+                mark.end()
+            ),
+        ));
+    }
+
     if let (Some(p), Some(first), Some(seg)) = (purged_index, first, segments.front()) {
         if first != p.saturating_add(1) {
             return Err(WalError::corrupt(
@@ -108,7 +129,7 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
         }
     }
 
-    Ok(Recovered { segments, index, first: first.unwrap_or(0), purged, vote })
+    Ok(Recovered { segments, index, first: first.unwrap_or(0), purged, vote, mark })
 }
 
 fn remove(path: &Path) -> Result<(), WalError> {

@@ -10,7 +10,7 @@ use super::{format, lock, Shared};
 
 pub(super) fn run(sh: &Shared) {
     loop {
-        let (callbacks, files, dir_dirty, upto, poisoned) = {
+        let (callbacks, files, dir_dirty, upto, end, poisoned) = {
             let mut st = lock(&sh.state);
             while st.pending.is_empty() && !st.stopping {
                 st = sh.wake_syncer.wait(st).unwrap_or_else(PoisonError::into_inner);
@@ -24,6 +24,7 @@ pub(super) fn run(sh: &Shared) {
                 mem::take(&mut st.dirty),
                 mem::take(&mut st.dir_dirty),
                 st.submitted,
+                st.pending_end.take(),
                 st.poisoned.clone(),
             )
         };
@@ -56,6 +57,9 @@ pub(super) fn run(sh: &Shared) {
 
         let mut st = lock(&sh.state);
         st.completed = upto;
+        if result.is_ok() && end.is_some() {
+            st.synced_end = end;
+        }
         sh.round_done.notify_all();
     }
 }

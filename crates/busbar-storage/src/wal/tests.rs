@@ -22,7 +22,7 @@ fn noop() -> FlushCallback {
 }
 
 fn small() -> WalOptions {
-    WalOptions { segment_bytes: 100 }
+    WalOptions { segment_bytes: 100, ..WalOptions::default() }
 }
 
 fn open(dir: &Path, opts: WalOptions) -> Wal {
