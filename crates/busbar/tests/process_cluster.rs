@@ -429,15 +429,8 @@ async fn corrupt_wal_segment_makes_server_exit_naming_the_file() -> anyhow::Resu
     // There is no flag for the WAL segment size (64 MiB), so this log has a single segment: damage in
     // its middle, with valid frames after it, is corruption and not a torn tail. With several
     // segments, a middle one is taken.
-    let wal = c.data_dir(1)?.join("raft-log");
-    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal)
-        .with_context(|| format!("listing {}", wal.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
-    let seg = segs.get(segs.len() / 2).with_context(|| format!("no segment in {}", wal.display()))?.clone();
+    let segs = wal_segments(&c, 1)?;
+    let seg = segs.get(segs.len() / 2).context("no WAL segment")?.clone();
     let mut bytes = std::fs::read(&seg)?;
     let frames = wal_frames(&bytes).with_context(|| format!("parsing {}", seg.display()))?;
     ensure!(frames.len() >= 10, "{} holds only {} frames", seg.display(), frames.len());
@@ -448,18 +441,37 @@ async fn corrupt_wal_segment_makes_server_exit_naming_the_file() -> anyhow::Resu
     std::fs::write(&seg, &bytes)?;
 
     c.restart(1)?;
-    let st = c.wait_exit(1, Duration::from_secs(15)).await.context("a node with a corrupt WAL kept running")?;
-    ensure!(!st.success(), "exited with {st} despite a corrupt WAL");
-    let log = c.log(1)?;
+    assert_refuses_to_start(&mut c, 1, &seg, "corrupt").await?;
+    c.finish();
+    Ok(())
+}
+
+/// Node `id`'s WAL segment files, oldest first.
+fn wal_segments(c: &ProcessCluster, id: u64) -> anyhow::Result<Vec<PathBuf>> {
+    let wal = c.data_dir(id)?.join("raft-log");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal)
+        .with_context(|| format!("listing {}", wal.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    Ok(segs)
+}
+
+/// Node `id`, just restarted, exits with a failure, and its error line names `seg` and says `why`.
+async fn assert_refuses_to_start(c: &mut ProcessCluster, id: u64, seg: &Path, why: &str) -> anyhow::Result<()> {
+    let st = c.wait_exit(id, Duration::from_secs(15)).await.context("a node with a damaged WAL kept running")?;
+    ensure!(!st.success(), "exited with {st} despite a damaged WAL");
+    let log = c.log(id)?;
     let name = seg.file_name().and_then(|n| n.to_str()).context("segment name")?;
     let error_line = log.lines().find(|l| l.contains("error")).unwrap_or("");
     ensure!(
-        log.contains("corrupt") && log.contains(&format!("raft-log/{name}")),
-        "stderr does not name the corrupt file raft-log/{name}:\n{}",
+        log.contains(why) && log.contains(&format!("raft-log/{name}")),
+        "stderr does not name raft-log/{name} and say {why:?}:\n{}",
         tail(&log, 20)
     );
     ensure!(error_line.contains(name), "the error line does not name {name}: {error_line:?}");
-    c.finish();
     Ok(())
 }
 
@@ -482,15 +494,7 @@ async fn follower_whose_wal_lost_synced_entries_refuses_to_start() -> anyhow::Re
     // The mark trails the log by at most 200 ms: give it several periods to cover the first half.
     tokio::time::sleep(Duration::from_secs(1)).await;
     c.kill(follower)?;
-    let wal = c.data_dir(follower)?.join("raft-log");
-    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal)
-        .with_context(|| format!("listing {}", wal.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
-    let seg = segs.last().with_context(|| format!("no segment in {}", wal.display()))?.clone();
+    let seg = wal_segments(&c, follower)?.pop().context("no WAL segment")?;
     let bytes = std::fs::read(&seg)?;
     // A kill can leave a torn frame at the very end: cut among the whole frames before it.
     let frames =
@@ -500,16 +504,7 @@ async fn follower_whose_wal_lost_synced_entries_refuses_to_start() -> anyhow::Re
     std::fs::OpenOptions::new().write(true).open(&seg)?.set_len(cut as u64)?;
 
     c.restart(follower)?;
-    let st =
-        c.wait_exit(follower, Duration::from_secs(15)).await.context("a node that lost synced entries kept running")?;
-    ensure!(!st.success(), "exited with {st} despite a log that lost synced entries");
-    let log = c.log(follower)?;
-    let name = seg.file_name().and_then(|n| n.to_str()).context("segment name")?;
-    ensure!(
-        log.contains("synced mark") && log.contains(&format!("raft-log/{name}")),
-        "stderr does not say which log lost synced entries:\n{}",
-        tail(&log, 20)
-    );
+    assert_refuses_to_start(&mut c, follower, &seg, "synced mark").await?;
     producer.wait_for_more(100, Duration::from_secs(30)).await.context("the other two stopped committing")?;
     producer.stop().await?;
     c.finish();
