@@ -200,35 +200,6 @@ async fn t31_a_snapshot_streams_whole_after_a_topic_in_it_was_deleted() -> anyho
     Ok(())
 }
 
-/// A voter whose disk lost what it had acknowledged (a replaced disk, a log cut by a disk fault)
-/// comes back with the same id. The leader believes it still holds everything up to its last
-/// acknowledgement; the follower answers "conflict" below that. The leader must search back and
-/// replicate again, not wait forever (openraft's `loosen-follower-log-revert`; without it a
-/// release build stalls that follower, as the Jepsen `disk` nemesis found).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn t32_a_voter_back_with_an_empty_disk_is_caught_up_again() -> anyhow::Result<()> {
-    let mut c = InProcessCluster::start(3).await?;
-    let client = c.client().await?;
-    client.create_topic("orders", 2).await?;
-    let mut acked = Acked::new();
-    produce_n(&client, "orders", 2, 0, 40, &mut acked).await?;
-    let leader = c.leader().await?;
-    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap_or(1);
-    c.wait_identical("orders", 2, Duration::from_secs(30)).await?;
-
-    c.crash(follower).await?;
-    std::fs::remove_dir_all(c.data_dir(follower))?;
-    c.restart(follower).await?;
-    produce_n(&client, "orders", 2, 40, 40, &mut acked).await?;
-
-    c.wait_identical("orders", 2, Duration::from_secs(30)).await?;
-    assert_has_all(&c, follower, "orders", 2, &acked).await?;
-    assert_eq!(c.voters(follower)?, vec![1, 2, 3], "the follower's view of the membership");
-    assert_eq!(c.leader().await?, leader, "the emptied voter must not have disturbed the leader");
-    c.shutdown().await;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t40_membership_3_to_5_to_3_under_writes_loses_nothing() -> anyhow::Result<()> {
     let mut c = InProcessCluster::start(3).await?;
