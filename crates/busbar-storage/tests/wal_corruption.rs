@@ -280,17 +280,16 @@ fn the_last_segment_deleted_below_the_synced_mark_refuses_to_open() {
 }
 
 #[test]
-fn the_mark_is_written_in_the_background_and_a_torn_tail_above_it_still_recovers() {
+fn the_mark_is_written_in_the_background_a_torn_tail_above_it_recovers_a_cut_below_it_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path(), marked()).unwrap();
     for i in 1..=10 {
         wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
     }
     // Without a close: the writer thread records the synced end within a few of its periods.
-    let mark = dir.path().join("synced");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read(&mark).map(|b| b.len()).unwrap_or(0) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no synced mark after 10 s");
+    while wal.synced_mark() != 11 {
+        assert!(std::time::Instant::now() < deadline, "synced mark {} after 10 s, want 11", wal.synced_mark());
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     drop(wal);
@@ -301,6 +300,12 @@ fn the_mark_is_written_in_the_background_and_a_torn_tail_above_it_still_recovers
     drop(f);
     let wal = Wal::open(dir.path(), marked()).unwrap();
     assert_eq!(wal.last_index(), Some(10));
+    drop(wal);
+    // Entry 10 itself cut off (whole): below the mark the background thread wrote, so refused.
+    let last = segments(dir.path()).pop().unwrap();
+    let frame = *frame_offsets(&last).last().unwrap();
+    OpenOptions::new().write(true).open(&last).unwrap().set_len(frame).unwrap();
+    assert_refused_as_lost(Wal::open(dir.path(), marked()));
 }
 
 #[test]

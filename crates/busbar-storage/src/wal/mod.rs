@@ -207,6 +207,9 @@ impl Wal {
     /// log is damaged anywhere but in a torn tail of its last segment.
     pub fn open(dir: &Path, opts: WalOptions) -> Result<Wal, WalError> {
         let rec = recovery::recover(dir)?;
+        // A process crash may have come between a segment's creation and the round that fsyncs the
+        // directory: the first round after open makes the entries of the segments found durable.
+        let dir_dirty = !rec.segments.is_empty();
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             opts,
@@ -221,7 +224,7 @@ impl Wal {
                 pending_end: None,
                 synced_end: None,
                 dirty: Vec::new(),
-                dir_dirty: false,
+                dir_dirty,
                 submitted: 0,
                 completed: 0,
                 poisoned: None,
@@ -285,6 +288,11 @@ impl Wal {
 
     pub fn vote(&self) -> Option<Bytes> {
         lock(&self.inner.shared.state).vote.clone()
+    }
+
+    /// What the synced mark on disk says: every index below it was fdatasynced (0: nothing yet).
+    pub fn synced_mark(&self) -> u64 {
+        lock(&self.inner.shared.mark).end()
     }
 
     /// Number of syncer rounds (each one fdatasync per written segment) since open; for tests and benches.

@@ -13,9 +13,10 @@
 //! most that long; a cut within that window is not detected. `truncate` lowers the mark, durably,
 //! before it cuts anything, so the mark never claims an entry Raft itself removed.
 //!
-//! File `synced`: two slots of `[crc32 u32 LE][seq u64 LE][end u64 LE]`, at bytes 0 and 512 (each
-//! in its own sector), written in place in turn and fdatasynced. The slot with the higher sequence
+//! File `synced`: two slots of `[crc32 u32 LE][seq u64 LE][end u64 LE]`, at bytes 0 and 4096 (each
+//! in its own block), written in place in turn and fdatasynced. The slot with the higher sequence
 //! number wins; a torn write leaves the other slot, an older and lower mark, which is still true.
+//! A lowered mark is written to both slots, so no slot ever holds more than the log may keep.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -28,7 +29,7 @@ use std::time::Duration;
 use super::{format, lock, Shared, WalError};
 
 pub(super) const SYNCED_MARK_FILE: &str = "synced";
-const SLOT_STRIDE: usize = 512;
+const SLOT_STRIDE: usize = 4096;
 const SLOT_BYTES: usize = 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +102,9 @@ impl SyncedMark {
         let best = match (&a, &b) {
             (Decoded::Valid(x), Decoded::Valid(y)) => Some(if x.seq >= y.seq { *x } else { *y }),
             (Decoded::Valid(x), _) | (_, Decoded::Valid(x)) => Some(*x),
-            (Decoded::Empty, Decoded::Empty) => None,
-            _ => {
+            // Nothing, or the very first write torn: no mark to check against.
+            (Decoded::Empty, _) | (_, Decoded::Empty) => None,
+            (Decoded::Damaged, Decoded::Damaged) => {
                 return Err(WalError::corrupt(
                     &path,
                     0,
@@ -132,7 +134,14 @@ impl SyncedMark {
         &self.path
     }
 
-    /// Durably records `end` (which may be lower than before: for a truncate).
+    /// Durably records a lower `end` (for a truncate) in both slots, one after the other: whichever
+    /// a later torn write or damage leaves, it never claims more than the log will keep.
+    pub fn lower(&mut self, end: u64) -> Result<(), WalError> {
+        self.write(end)?;
+        self.write(end)
+    }
+
+    /// Durably records `end` in the next slot.
     pub fn write(&mut self, end: u64) -> Result<(), WalError> {
         let created = self.file.is_none();
         if created {
@@ -203,7 +212,7 @@ impl Shared {
             st.synced_end = st.synced_end.map(|e| e.min(end));
         }
         if mark.end() > end {
-            mark.write(end)?;
+            mark.lower(end)?;
         }
         Ok(())
     }
@@ -222,9 +231,7 @@ mod tests {
         let mut m = SyncedMark::open(dir.path()).unwrap();
         m.write(10).unwrap();
         m.write(25).unwrap();
-        m.write(7).unwrap(); // lowered, as by a truncate
-        assert_eq!(SyncedMark::open(dir.path()).unwrap().end(), 7);
-
+        m.write(30).unwrap();
         // Tear the newest write (seq 3, slot 1): the older slot, 25, is what remains.
         let path = dir.path().join(SYNCED_MARK_FILE);
         let mut bytes = fs::read(&path).unwrap();
@@ -232,10 +239,30 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         assert_eq!(SyncedMark::open(dir.path()).unwrap().end(), 25);
 
+        // Lowered (as for a truncate): both slots say so, whichever is damaged later.
+        let mut m = SyncedMark::open(dir.path()).unwrap();
+        m.lower(7).unwrap();
+        assert_eq!(SyncedMark::open(dir.path()).unwrap().end(), 7);
+        for slot in [0, 1] {
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[slot * SLOT_STRIDE + 6] ^= 0xff;
+            fs::write(&path, &bytes).unwrap();
+            assert_eq!(SyncedMark::open(dir.path()).unwrap().end(), 7, "slot {slot} damaged");
+            bytes[slot * SLOT_STRIDE + 6] ^= 0xff;
+            fs::write(&path, &bytes).unwrap();
+        }
+
         // Both damaged: refused.
+        let mut bytes = fs::read(&path).unwrap();
         bytes[6] ^= 0xff;
+        bytes[SLOT_STRIDE + 6] ^= 0xff;
         fs::write(&path, &bytes).unwrap();
         assert!(matches!(SyncedMark::open(dir.path()), Err(WalError::Corrupt { .. })));
+        // The very first write torn (one slot damaged, the other never written): no mark.
+        let mut first = vec![0u8; SLOT_STRIDE + SLOT_BYTES];
+        first[SLOT_STRIDE..].copy_from_slice(&[0xab; SLOT_BYTES]);
+        fs::write(&path, &first).unwrap();
+        assert_eq!(SyncedMark::open(dir.path()).unwrap().end(), 0);
         // Cut to nothing: no mark (nothing to check against), not an error.
         fs::write(&path, b"").unwrap();
         assert_eq!(SyncedMark::open(dir.path()).unwrap().end(), 0);

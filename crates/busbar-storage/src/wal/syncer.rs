@@ -34,7 +34,14 @@ pub(super) fn run(sh: &Shared) {
         let result = match poisoned {
             // No fsync after a failure: it could report success for pages the kernel already dropped.
             Some(reason) => Err(io::Error::other(format!("wal poisoned: {reason}"))),
-            None => sync(sh, &files, dir_dirty),
+            None => sync(sh, &files, dir_dirty).and_then(|()| {
+                // A rotation's fdatasync of the same file, failing meanwhile, consumed the error the
+                // kernel reports once per open file: this round's "success" may cover lost pages.
+                match &lock(&sh.state).poisoned {
+                    Some(reason) => Err(io::Error::other(format!("wal poisoned during the round: {reason}"))),
+                    None => Ok(()),
+                }
+            }),
         };
         #[cfg(test)]
         drop(gate);
