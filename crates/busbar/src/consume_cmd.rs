@@ -276,8 +276,9 @@ pub async fn run(brokers: &[String], _output: Output, args: ConsumeArgs) -> anyh
         return run_group(brokers, group, args).await;
     }
     let client = connect(brokers).await?;
-    let described = client.describe_topic(&args.topic).await.map_err(client_error)?;
-    let mut offsets = described.partitions;
+    // ListOffsets, not DescribeTopic: it is linearizable, so `--from end` starts after every record
+    // whose produce was acknowledged before this command (DescribeTopic answers from any node).
+    let mut offsets = client.list_offsets(&args.topic).await.map_err(client_error)?;
     offsets.sort_by_key(|p| p.partition);
     if let Some(p) = args.partition {
         offsets.retain(|o| o.partition == p);
