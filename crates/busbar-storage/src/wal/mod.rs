@@ -487,10 +487,10 @@ impl Wal {
         // never purged log that is emptied may start anywhere next).
         let end_after = {
             let st = lock(&sh.state);
-            match st.purged.as_ref() {
-                _ if !st.index.is_empty() && from > st.first => from,
-                Some((p, _)) => p.saturating_add(1),
-                None => 0,
+            if !st.index.is_empty() && from > st.first {
+                from
+            } else {
+                st.purged.as_ref().map_or(0, |(p, _)| p.saturating_add(1))
             }
         };
         sh.lower_mark(end_after).map_err(|e| sh.fail(e))?;

@@ -63,16 +63,13 @@ fn decode(bytes: &[u8]) -> Decoded {
     if b.iter().all(|&x| x == 0) {
         return Decoded::Empty;
     }
-    let mut crc = [0u8; 4];
-    let mut seq = [0u8; 8];
-    let mut end = [0u8; 8];
-    crc.copy_from_slice(&b[0..4]);
-    seq.copy_from_slice(&b[4..12]);
-    end.copy_from_slice(&b[12..20]);
-    if crc32fast::hash(&b[4..]) != u32::from_le_bytes(crc) {
+    let (crc, rest) = b.split_at(4);
+    let (seq, end) = rest.split_at(8);
+    let le64 = |s: &[u8]| s.try_into().map(u64::from_le_bytes).unwrap_or(0);
+    if crc.try_into().map(u32::from_le_bytes).ok() != Some(crc32fast::hash(rest)) {
         return Decoded::Damaged;
     }
-    Decoded::Valid(Slot { seq: u64::from_le_bytes(seq), end: u64::from_le_bytes(end) })
+    Decoded::Valid(Slot { seq: le64(seq), end: le64(end) })
 }
 
 pub(super) struct SyncedMark {
@@ -144,17 +141,17 @@ impl SyncedMark {
     /// Durably records `end` in the next slot.
     pub fn write(&mut self, end: u64) -> Result<(), WalError> {
         let created = self.file.is_none();
-        if created {
-            let f = OpenOptions::new()
+        let file = match self.file.take() {
+            Some(f) => f,
+            None => OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .open(&self.path)
-                .map_err(WalError::io("create", &self.path))?;
-            self.file = Some(f);
-        }
-        let Some(file) = &self.file else { return Err(WalError::Poisoned("synced mark file vanished".into())) };
+                .map_err(WalError::io("create", &self.path))?,
+        };
+        let file = self.file.insert(file);
         let seq = self.seq.saturating_add(1);
         let at = (seq % 2) as usize * SLOT_STRIDE;
         file.write_all_at(&encode(Slot { seq, end }), at as u64).map_err(WalError::io("write", &self.path))?;
