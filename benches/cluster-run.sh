@@ -5,6 +5,8 @@
 #
 #   bash benches/cluster-run.sh BUSBAR_BINARY [per-request|batched] [IN_FLIGHT]
 #   DATA=/dev/shm/bb bash benches/cluster-run.sh target/release/busbar per-request 256   # on tmpfs
+#   SIZE=1024 PARTITIONS=32 bash benches/cluster-run.sh target/release/busbar batched 4096
+#   EXTRA="--linger-ms 0" adds busbar-load flags; DURATION (default 8) sets the measured seconds.
 #
 # Used for the proposer, entry-cache and allocator experiments in docs/benchmarks.md.
 set -euo pipefail
@@ -24,6 +26,7 @@ for i in 1 2 3; do
 done
 sleep 4
 "$load" --system busbar --brokers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 \
-  --pids "$(IFS=,; echo "${pids[*]}")" --duration 8 --warmup 1 --mode throughput --api "$api" \
-  --record-size 100 --partitions 8 --producers 2 --consumers 1 --in-flight "$inflight" |
+  --pids "$(IFS=,; echo "${pids[*]}")" --duration "${DURATION:-8}" --warmup 1 --mode throughput --api "$api" \
+  --record-size "${SIZE:-100}" --partitions "${PARTITIONS:-8}" --producers 2 --consumers 1 \
+  --in-flight "$inflight" ${EXTRA:-} |
   grep -E "${GREP:-^acked|server cpu}"

@@ -18,8 +18,14 @@
 //! ([`TopicStore::lost_data`]) for the replication layer to roll back to its snapshot
 //! ([`TopicStore::rebuild_from`]) and replay the log from there.
 //!
-//! Every apply writes its data *and* the applied position in one sled transaction over both trees,
-//! so after a crash the store is at some applied position with exactly the data up to it.
+//! Every apply's writes *and* the applied position reach sled together in one transaction over both
+//! trees, so after a crash the store is at some applied position with exactly the data up to it.
+//! An apply of produce commands only does not commit its own transaction: up to
+//! [`MAX_DEFERRED_APPLIES`] such calls share one (see [`Deferred`]). Readers see their batches at
+//! once, from memory; a crash loses them from sled, and the Raft log, which still holds those
+//! entries, replays them (the log is purged only after [`TopicStore::flush_durable`], which commits
+//! first). Why: sled rolls its write buffer twice per transaction and wakes its whole I/O thread pool
+//! each time, and at one entry per request that was a third of a node's CPU.
 //! Installing a snapshot fills generation N+1 and then flips `generation`, which is atomic.
 //!
 //! Nothing is ever deleted by apply itself: deleting a topic hides it (its id is never reused) and
@@ -163,8 +169,8 @@ impl Default for TopicStoreOptions {
 }
 
 /// What apply and reads consult in memory. Replaced whole (copy on write) after each applied batch,
-/// only after the sled transaction committed, so a reader never sees an end offset whose data is not
-/// in sled yet.
+/// only once the batches it reaches are stored and their references are in sled or among the
+/// uncommitted ones, so a reader never sees an end offset whose data it cannot find.
 #[derive(Clone, Debug, Default)]
 struct Meta {
     topics: BTreeMap<TopicName, TopicMeta>,
@@ -222,9 +228,70 @@ struct Inner {
     files: BatchFiles,
     /// Serializes `flush_durable`.
     flushing: Mutex<()>,
+    /// Applies whose writes wait for a shared transaction. Changed only under `apply_lock`.
+    deferred: Mutex<Deferred>,
+    /// The batch references of those applies, for readers (see [`MergedRefs`]).
+    uncommitted_refs: RwLock<UncommittedRefs>,
     /// Set at open when a reachable reference names bytes that are not on disk (see the module
     /// documentation); cleared by [`TopicStore::rebuild_from`].
     lost: Mutex<Option<String>>,
+}
+
+impl Inner {
+    /// Commits the deferred applies' writes to `generation` (the current one) in one transaction.
+    /// The caller holds `apply_lock`.
+    fn commit_deferred(&self, generation: &Generation) -> Result<(), StoreError> {
+        let mut deferred = self.deferred.lock().map_err(lock_err)?;
+        if deferred.applies == 0 {
+            return Ok(());
+        }
+        let refs: Vec<(sled::IVec, sled::IVec)> = {
+            let u = self.uncommitted_refs.read().map_err(lock_err)?;
+            if u.generation != generation.id {
+                return Err(StoreError::corrupt(
+                    "apply",
+                    format!("uncommitted batches of generation {} in generation {}", u.generation, generation.id),
+                ));
+            }
+            u.refs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let meta_batch = deferred.meta.to_batch();
+        let mut records_batch = sled::Batch::default();
+        for (k, v) in &refs {
+            records_batch.insert(k, v);
+        }
+        (&generation.meta_tree, &generation.records)
+            .transaction(|(m, r)| {
+                m.apply_batch(&meta_batch)?;
+                r.apply_batch(&records_batch)?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => StoreError::corrupt("apply", "transaction aborted"),
+            })?;
+        *deferred = Deferred::default();
+        // In sled now, so dropped from memory (see `MergedRefs` for why readers miss none).
+        let mut u = self.uncommitted_refs.write().map_err(lock_err)?;
+        for (k, _) in &refs {
+            u.refs.remove(k);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    /// Commits what deferred applies left, so that a clean stop does not make the log replay them.
+    /// After a crash the log replays them anyway; so a failure here is only logged.
+    fn drop(&mut self) {
+        let generation = match self.current.read() {
+            Ok(cur) => cur.generation.clone(),
+            Err(_) => return,
+        };
+        if let Err(e) = self.commit_deferred(&generation) {
+            tracing::warn!(error = %e, "could not commit the last applies to sled at close; the log replays them");
+        }
+    }
 }
 
 const GENERATION_KEY: &[u8] = b"generation";
@@ -340,6 +407,8 @@ impl TopicStore {
                 group_offsets_moved: std::sync::atomic::AtomicU64::new(0),
                 files,
                 flushing: Mutex::new(()),
+                deferred: Mutex::new(Deferred::default()),
+                uncommitted_refs: RwLock::new(UncommittedRefs { generation: gen_id, refs: BTreeMap::new() }),
                 lost: Mutex::new(lost),
             }),
         })
@@ -393,6 +462,33 @@ impl TopicStore {
         Ok(self.inner.current.read().map_err(lock_err)?.clone())
     }
 
+    /// The batch references in `from..to`, committed or not (see [`MergedRefs`]).
+    fn batch_refs(&self, cur: &Current, from: [u8; 16], to: [u8; 16]) -> Result<MergedRefs, StoreError> {
+        let uncommitted = self.uncommitted_in(cur, &from, &to)?;
+        Ok(MergedRefs {
+            committed: cur.generation.records.range(from..to),
+            committed_done: false,
+            uncommitted: uncommitted.into_iter(),
+            last: None,
+        })
+    }
+
+    fn uncommitted_in(
+        &self,
+        cur: &Current,
+        from: &[u8],
+        to: &[u8],
+    ) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        let u = self.inner.uncommitted_refs.read().map_err(lock_err)?;
+        if u.generation != cur.generation.id || from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(u.refs
+            .range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Excluded(to)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     /// The applied position last written by `apply` or a snapshot install (opaque to this crate).
     pub fn applied(&self) -> Result<Option<Bytes>, StoreError> {
         Ok(self.current()?.meta.applied.clone())
@@ -408,6 +504,12 @@ impl TopicStore {
     ) -> Result<Vec<CommandResponse>, StoreError> {
         let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
         let cur = self.current()?;
+        let defer = commands.iter().all(|c| c.is_none_or(defers_commit));
+        if !defer {
+            // Whatever else it does (a retention cut sizes batches, a deletion queues them) reads
+            // sled, which must then hold every batch stored before.
+            self.inner.commit_deferred(&cur.generation)?;
+        }
         let mut producers = self.inner.producers.lock().map_err(lock_err)?;
         // Read-locked for the whole apply (only apply writes groups, under `apply_lock`); copied only
         // if a command changes a group, so a produce does not clone every group.
@@ -422,8 +524,8 @@ impl TopicStore {
             files: &self.inner.files,
             generation: cur.generation.id,
             group_offsets_moved: 0,
-            meta_batch: sled::Batch::default(),
-            records_batch: sled::Batch::default(),
+            meta_batch: TreeWrites::default(),
+            records_batch: Vec::new(),
             staged: BTreeMap::new(),
             pending: BTreeMap::new(),
         };
@@ -458,17 +560,19 @@ impl TopicStore {
         meta.applied = Some(applied_after.clone());
         meta_batch.insert(APPLIED_KEY, checked::seal(&applied_after));
 
-        let gen = &cur.generation;
-        (&gen.meta_tree, &gen.records)
-            .transaction(|(m, r)| {
-                m.apply_batch(&meta_batch)?;
-                r.apply_batch(&records_batch)?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
-                TransactionError::Abort(()) => StoreError::corrupt("apply", "transaction aborted"),
-            })?;
+        // Queued for the shared transaction; the references visible to readers before the end
+        // offsets that reach them are published.
+        let due = {
+            let mut deferred = self.inner.deferred.lock().map_err(lock_err)?;
+            deferred.meta.merge(meta_batch);
+            deferred.applies += 1;
+            let mut refs = self.inner.uncommitted_refs.write().map_err(lock_err)?;
+            refs.refs.extend(records_batch);
+            !defer || deferred.applies >= MAX_DEFERRED_APPLIES || refs.refs.len() >= MAX_DEFERRED_REFS
+        };
+        if due {
+            self.inner.commit_deferred(&cur.generation)?;
+        }
         self.inner.current.write().map_err(lock_err)?.meta = Arc::new(meta);
         for (k, st) in touched {
             match st {
@@ -538,21 +642,21 @@ impl TopicStore {
         if offset == state.end_offset || max_records == 0 {
             return Ok(result);
         }
-        let records = &cur.generation.records;
-        // The batch holding `offset` is the last one whose base offset is <= offset.
-        let first_base =
-            match records.range(batch::key(t.id, partition, 0)..=batch::key(t.id, partition, offset)).next_back() {
-                Some(kv) => {
-                    let (k, _) = kv?;
-                    batch::parse_key(&k).map(|(_, _, base)| base).unwrap_or(0)
-                }
-                None => return Err(missing_batch(topic, partition, offset)),
-            };
+        // The batch holding `offset` is the last one whose base offset is <= offset: in memory if
+        // not committed yet, else in sled (memory first, for the reason `MergedRefs` gives).
+        let (from, past) = (batch::key(t.id, partition, 0), batch::key(t.id, partition, offset.saturating_add(1)));
+        let first_key = match self.uncommitted_in(&cur, &from, &past)?.pop() {
+            Some((k, _)) => Some(k),
+            None => cur.generation.records.range(from..past).next_back().transpose()?.map(|(k, _)| k),
+        };
+        let Some(first_base) = first_key.map(|k| batch::parse_key(&k).map(|(_, _, base)| base).unwrap_or(0)) else {
+            return Err(missing_batch(topic, partition, offset));
+        };
         // Bounded by the end offset this reader saw: batches beyond it may be mid-apply.
         let mut next_expected = None;
         let mut bytes = 0usize;
-        for kv in records.range(batch::key(t.id, partition, first_base)..batch::key(t.id, partition, state.end_offset))
-        {
+        let range = (batch::key(t.id, partition, first_base), batch::key(t.id, partition, state.end_offset));
+        for kv in self.batch_refs(&cur, range.0, range.1)? {
             let (k, v) = kv?;
             let Some((_, _, base)) = batch::parse_key(&k) else {
                 return Err(StoreError::corrupt(format!("{topic}/{partition}"), "malformed batch key"));
@@ -590,6 +694,16 @@ impl TopicStore {
     /// Makes everything applied so far durable, against power loss (see [`crate::durable`]).
     /// Called before the Raft log below the applied index may be purged.
     pub fn flush_durable(&self) -> Result<(), StoreError> {
+        {
+            let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
+            self.inner.commit_deferred(&self.current()?.generation)?;
+        }
+        self.sync_committed()
+    }
+
+    /// Makes what sled holds durable, and the batch files under it (no deferred applies: the
+    /// caller committed them).
+    fn sync_committed(&self) -> Result<(), StoreError> {
         // One at a time: a second caller must not write a mark while the first's fdatasyncs run.
         let _one = self.inner.flushing.lock().map_err(lock_err)?;
         // The batch bytes first, then sled's references to them (and the mark saying how far the
@@ -608,6 +722,8 @@ impl TopicStore {
         // together while no apply runs.
         let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
         let cur = self.current()?;
+        // An export reads the batches the manifest names from sled.
+        self.inner.commit_deferred(&cur.generation)?;
         let producers: Vec<_> =
             self.inner.producers.lock().map_err(lock_err)?.iter().map(|(k, v)| (*k, v.clone())).collect();
         let groups: Vec<_> =
@@ -713,6 +829,8 @@ impl TopicStore {
     pub fn import_snapshot<R: Read>(&self, r: R, what: &str) -> Result<SnapshotManifest, StoreError> {
         let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
         let old = self.current()?;
+        // Into the old generation: if this install fails, the store stays as it was, whole.
+        self.inner.commit_deferred(&old.generation)?;
         let new_id = old.generation.id + 1;
         let (m, rec) = tree_names(new_id);
         self.inner.db.drop_tree(m.as_bytes())?;
@@ -736,9 +854,11 @@ impl TopicStore {
                 return Err(e);
             }
         };
-        self.flush_durable()?;
+        self.sync_committed()?;
         self.inner.db.insert(GENERATION_KEY, checked::seal_bincode("generation", &new_id)?)?;
-        self.flush_durable()?;
+        self.sync_committed()?;
+        *self.inner.uncommitted_refs.write().map_err(lock_err)? =
+            UncommittedRefs { generation: new_id, refs: BTreeMap::new() };
         *self.inner.current.write().map_err(lock_err)? = Current { generation: gen, meta: Arc::new(meta) };
         *self.inner.producers.lock().map_err(lock_err)? = producers;
         *self.inner.groups.write().map_err(lock_err)? = groups;
@@ -822,8 +942,8 @@ impl TopicStore {
         let cutoff = retention_ms.map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
         let mut remaining = st.bytes;
         let mut new_start = st.start_offset;
-        let range = batch::key(t.id, partition, st.start_offset)..batch::key(t.id, partition, st.end_offset);
-        for kv in cur.generation.records.range(range) {
+        let (from, to) = (batch::key(t.id, partition, st.start_offset), batch::key(t.id, partition, st.end_offset));
+        for kv in self.batch_refs(&cur, from, to)? {
             let (k, v) = kv?;
             let Some((_, _, base)) = batch::parse_key(&k) else { break };
             let r = BatchRef::decode(&|| format!("batch {topic}/{partition}@{base}"), &v)?;
@@ -1176,6 +1296,100 @@ pub(crate) fn rejected(code: ErrorCode, message: String) -> CommandResponse {
 
 /// One apply call's working state: the new metadata, producer states it changed (`None`: removed),
 /// and the sled writes, committed together at the end.
+/// How many apply calls may share one sled transaction (see the module documentation): a crash
+/// makes the log replay at most this many more calls' entries.
+const MAX_DEFERRED_APPLIES: usize = 32;
+/// And how many batch references may wait in memory for it.
+const MAX_DEFERRED_REFS: usize = 4096;
+
+/// Whether an apply of `cmd` may leave its writes for a later transaction: produces only. Anything
+/// else reads sled for earlier batches, or changes what readers look for there, so it commits first.
+fn defers_commit(cmd: &Command) -> bool {
+    match cmd {
+        Command::Produce { .. } => true,
+        Command::Batch(cmds) => cmds.iter().all(|c| matches!(c, Command::Produce { .. })),
+        _ => false,
+    }
+}
+
+/// Writes to one tree, the last per key winning, applied to sled as one batch.
+#[derive(Default)]
+struct TreeWrites(BTreeMap<sled::IVec, Option<sled::IVec>>);
+
+impl TreeWrites {
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: Vec<u8>) {
+        self.0.insert(key.as_ref().into(), Some(value.into()));
+    }
+
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.0.insert(key.as_ref().into(), None);
+    }
+
+    fn merge(&mut self, later: TreeWrites) {
+        self.0.extend(later.0);
+    }
+
+    fn to_batch(&self) -> sled::Batch {
+        let mut b = sled::Batch::default();
+        for (k, v) in &self.0 {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        b
+    }
+}
+
+/// Apply calls whose writes are not in sled yet: the meta tree's (partition states, producer
+/// states, the applied position), in apply order. Their batch references are in
+/// [`UncommittedRefs`].
+#[derive(Default)]
+struct Deferred {
+    meta: TreeWrites,
+    applies: usize,
+}
+
+/// The references to batches stored by applies not committed to sled yet: key → [`BatchRef`], as
+/// in the records tree of `generation`. Only ever newer batches than sled holds for a partition
+/// (anything that removes references commits first).
+struct UncommittedRefs {
+    generation: u64,
+    refs: BTreeMap<sled::IVec, sled::IVec>,
+}
+
+/// The batch references of a key range in key order: those in sled, then the uncommitted ones
+/// after the last sled gave. The uncommitted ones are copied *before* sled is read: a commit
+/// between the two moves references into sled before it drops them from memory, so each reference
+/// is in one of the two reads, and one seen twice is skipped.
+struct MergedRefs {
+    committed: sled::Iter,
+    committed_done: bool,
+    uncommitted: std::vec::IntoIter<(sled::IVec, sled::IVec)>,
+    last: Option<sled::IVec>,
+}
+
+impl Iterator for MergedRefs {
+    type Item = Result<(sled::IVec, sled::IVec), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if !self.committed_done {
+            match self.committed.next() {
+                Some(Ok((k, v))) => {
+                    self.last = Some(k.clone());
+                    return Some(Ok((k, v)));
+                }
+                Some(Err(e)) => return Some(Err(e.into())),
+                None => self.committed_done = true,
+            }
+        }
+        let last = self.last.take();
+        let next = self.uncommitted.by_ref().find(|(k, _)| last.as_ref().is_none_or(|l| k > l));
+        self.last = next.as_ref().map(|(k, _)| k.clone()).or(last);
+        next.map(Ok)
+    }
+}
+
 struct Work<'a> {
     meta: Meta,
     producers: &'a HashMap<ProducerKey, ProducerState>,
@@ -1190,8 +1404,9 @@ struct Work<'a> {
     generation: u64,
     /// Group offsets this apply moved up to a new start offset (see `group_offsets_moved`).
     group_offsets_moved: u64,
-    meta_batch: sled::Batch,
-    records_batch: sled::Batch,
+    meta_batch: TreeWrites,
+    /// References to the batches this call stored, for the records tree.
+    records_batch: Vec<(sled::IVec, sled::IVec)>,
     /// The batches written to `records_batch` by this apply call, (topic id, partition, base) →
     /// (record count, stored size): not in `records_tree` until the transaction commits, but a
     /// later command of the same call (a retention cut) must see them.
@@ -1241,7 +1456,7 @@ impl<'a> Work<'a> {
         let state = self.meta.partitions.entry((id, partition)).or_default();
         state.bytes += encoded.len() as u64;
         self.staged.insert((id, partition, p.base), (p.count, encoded.len() as u64));
-        self.records_batch.insert(&batch::key(id, partition, p.base), reference.encode()?);
+        self.records_batch.push((batch::key(id, partition, p.base)[..].into(), reference.encode()?.into()));
         self.meta_batch.insert(partition_key(id, partition), checked::seal_bincode("partition state", state)?);
         Ok(())
     }
@@ -1889,6 +2104,7 @@ mod tests {
         let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
         produce(&store, "t", 0, &["hello"], 2);
+        commit(&store);
         let records = store.current().unwrap().generation.records;
         let (k, v) = records.iter().next().unwrap().unwrap();
         let mut bad = v.to_vec();
@@ -2390,8 +2606,81 @@ mod tests {
         assert!(c.topic("gone").unwrap().is_none());
     }
 
+    /// What sled itself holds: the applied position and the batch references of topic `t`.
+    fn in_sled(store: &TopicStore) -> (Option<Vec<u8>>, usize) {
+        let cur = store.current().unwrap();
+        let applied = cur
+            .generation
+            .meta_tree
+            .get(APPLIED_KEY)
+            .unwrap()
+            .map(|v| checked::open(&|| "applied".into(), &v).unwrap().to_vec());
+        (applied, cur.generation.records.len())
+    }
+
+    #[test]
+    fn produce_applies_share_one_transaction_and_readers_see_them_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(&[1])).unwrap();
+        assert_eq!(in_sled(&store), (Some(vec![1]), 0), "anything but a produce commits at once");
+        for (i, v) in ["a", "b", "c"].into_iter().enumerate() {
+            produce(&store, "t", 0, &[v], 2 + i as u8);
+        }
+        // Deferred: sled is still at the create, but every reader sees the three batches.
+        assert_eq!(in_sled(&store), (Some(vec![1]), 0));
+        assert_eq!(store.applied().unwrap(), Some(Bytes::from_static(&[4])));
+        let r = store.read("t", 0, 1, 10, 1 << 20).unwrap();
+        let vals: Vec<_> = r.records.iter().map(|(o, r)| (*o, r.value.clone())).collect();
+        assert_eq!(vals, vec![(1, Bytes::from_static(b"b")), (2, Bytes::from_static(b"c"))]);
+        assert_eq!(store.retention_point("t", 0, 0, None, Some(1)).unwrap(), Some(2), "sizes deferred batches too");
+
+        // A retention cut commits what waits first, so it sizes the batches it drops from sled.
+        let bytes = store.partition_offsets("t").unwrap()[0].bytes;
+        let id = store.topic("t").unwrap().unwrap().id;
+        let cut = Command::TruncatePrefix { topic: name("t"), topic_id: id, partition: 0, new_start: 2 };
+        assert_eq!(
+            store.apply(&[Some(&cut)], Bytes::from_static(&[5])).unwrap(),
+            vec![CommandResponse::PrefixTruncated { start_offset: 2 }]
+        );
+        assert_eq!(in_sled(&store), (Some(vec![5]), 3));
+        let after = store.partition_offsets("t").unwrap()[0].bytes;
+        assert!(after > 0 && after < bytes / 2, "two of three batches dropped: {bytes} -> {after}");
+
+        // At most MAX_DEFERRED_APPLIES calls wait; then they commit together.
+        for _ in 1..MAX_DEFERRED_APPLIES {
+            produce(&store, "t", 0, &["x"], 6);
+            assert_eq!(in_sled(&store).1, 3);
+        }
+        produce(&store, "t", 0, &["x"], 6);
+        assert_eq!(in_sled(&store), (Some(vec![6]), 3 + MAX_DEFERRED_APPLIES));
+
+        // A snapshot names only what sled holds; one taken now holds the deferred batch too.
+        produce(&store, "t", 0, &["last"], 7);
+        let manifest = store.capture_snapshot().unwrap();
+        let (summary, _) = store.export_snapshot(&manifest, Vec::new()).unwrap();
+        assert_eq!(summary.batches, 2 + MAX_DEFERRED_APPLIES as u64);
+
+        // A clean close commits what waits; the store reopens at the last applied position.
+        produce(&store, "t", 0, &["after the snapshot"], 8);
+        drop(store);
+        let store = open_store(dir.path());
+        assert_eq!(store.applied().unwrap(), Some(Bytes::from_static(&[8])));
+        let end = store.partition_offsets("t").unwrap()[0].end_offset;
+        let r = store.read("t", 0, end - 1, 10, 1 << 20).unwrap();
+        assert_eq!(r.records[0].1.value, Bytes::from_static(b"after the snapshot"));
+    }
+
+    /// Commits deferred applies to sled, for a test that looks at sled itself.
+    fn commit(store: &TopicStore) {
+        let _apply = store.inner.apply_lock.lock().unwrap();
+        store.inner.commit_deferred(&store.current().unwrap().generation).unwrap();
+    }
+
     /// Every stored batch of a store: (key, stored value) in key order.
     fn stored_batches(store: &TopicStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+        commit(store);
         let cur = store.current().unwrap();
         let resolve = |v: &[u8]| {
             let r = BatchRef::decode(&|| "ref".into(), v).unwrap();
