@@ -597,6 +597,13 @@ impl TopicStore {
         Ok(cur.meta.topics.values().find(|t| t.name.as_str() == name).map(topic_info))
     }
 
+    /// The end offset of one partition (as [`TopicStore::partition_offsets`] has it).
+    pub fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, StoreError> {
+        let cur = self.current()?;
+        let t = find_topic(&cur.meta, topic, partition)?;
+        Ok(cur.meta.partitions.get(&(t.id, partition)).map_or(0, |s| s.end_offset))
+    }
+
     pub fn partition_offsets(&self, topic: &str) -> Result<Vec<PartitionOffsets>, StoreError> {
         let cur = self.current()?;
         let t = find_topic(&cur.meta, topic, 0)?;
