@@ -45,6 +45,8 @@ const SUBSCRIBE_QUEUE: usize = 4;
 /// entry: 5-10% of the servers' CPU at one record per request. Older data may need the disk and
 /// goes to the blocking pool.
 const INLINE_READ_TAIL: u64 = 4096;
+/// Most bytes an inline read returns.
+const INLINE_READ_BYTES: usize = 256 << 10;
 
 #[derive(Clone)]
 pub struct BusbarService {
@@ -165,7 +167,9 @@ impl Inner {
         let near_end =
             store.end_offset(&topic, partition).is_ok_and(|end| offset.saturating_add(INLINE_READ_TAIL) >= end);
         let res = if near_end {
-            store.read(&topic, partition, offset, max_records, max_bytes)
+            // Short (a fetch may return fewer bytes than asked; the client asks again), so one
+            // inline read stays a bounded memcpy.
+            store.read(&topic, partition, offset, max_records, max_bytes.min(INLINE_READ_BYTES))
         } else {
             tokio::task::spawn_blocking(move || store.read(&topic, partition, offset, max_records, max_bytes))
                 .await

@@ -218,7 +218,7 @@ struct Inner {
     /// Idempotent producers' recent batches. Only apply reads and writes them (under `apply_lock`),
     /// so they live apart from `Meta`, which is copied on every apply.
     producers: Mutex<HashMap<ProducerKey, ProducerState>>,
-    /// Consumer groups. Written by apply (under `apply_lock`) after its transaction commits; read by
+    /// Consumer groups. Written by apply (under `apply_lock`; a group change is never deferred); read by
     /// the API.
     groups: RwLock<BTreeMap<String, GroupState>>,
     /// Committed group offsets retention moved up to a partition's new start, since this process
@@ -228,7 +228,8 @@ struct Inner {
     files: BatchFiles,
     /// Serializes `flush_durable`.
     flushing: Mutex<()>,
-    /// Applies whose writes wait for a shared transaction. Changed only under `apply_lock`.
+    /// Applies whose writes wait for a shared transaction. Changed only under `apply_lock` (or by
+    /// `Drop`, when nothing else holds the store).
     deferred: Mutex<Deferred>,
     /// The batch references of those applies, for readers (see [`MergedRefs`]).
     uncommitted_refs: RwLock<UncommittedRefs>,
@@ -464,29 +465,27 @@ impl TopicStore {
 
     /// The batch references in `from..to`, committed or not (see [`MergedRefs`]).
     fn batch_refs(&self, cur: &Current, from: [u8; 16], to: [u8; 16]) -> Result<MergedRefs, StoreError> {
-        let uncommitted = self.uncommitted_in(cur, &from, &to)?;
+        let uncommitted =
+            self.with_uncommitted(cur, &from, &to, |r| r.map(|(k, v)| (k.clone(), v.clone())).collect())?;
         Ok(MergedRefs {
-            committed: cur.generation.records.range(from..to),
-            committed_done: false,
-            uncommitted: uncommitted.into_iter(),
-            last: None,
+            committed: cur.generation.records.range(from..to).peekable(),
+            uncommitted: Vec::into_iter(uncommitted.unwrap_or_default()).peekable(),
         })
     }
 
-    fn uncommitted_in(
+    /// Runs `f` on the uncommitted references in `from..to`, if they are of `cur`'s generation.
+    fn with_uncommitted<T>(
         &self,
         cur: &Current,
         from: &[u8],
         to: &[u8],
-    ) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        f: impl FnOnce(std::collections::btree_map::Range<'_, sled::IVec, sled::IVec>) -> T,
+    ) -> Result<Option<T>, StoreError> {
         let u = self.inner.uncommitted_refs.read().map_err(lock_err)?;
         if u.generation != cur.generation.id || from >= to {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        Ok(u.refs
-            .range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Excluded(to)))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(Some(f(u.refs.range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Excluded(to))))))
     }
 
     /// The applied position last written by `apply` or a snapshot install (opaque to this crate).
@@ -652,10 +651,11 @@ impl TopicStore {
         // The batch holding `offset` is the last one whose base offset is <= offset: in memory if
         // not committed yet, else in sled (memory first, for the reason `MergedRefs` gives).
         let (from, past) = (batch::key(t.id, partition, 0), batch::key(t.id, partition, offset.saturating_add(1)));
-        let first_key = match self.uncommitted_in(&cur, &from, &past)?.pop() {
-            Some((k, _)) => Some(k),
-            None => cur.generation.records.range(from..past).next_back().transpose()?.map(|(k, _)| k),
-        };
+        let first_key =
+            match self.with_uncommitted(&cur, &from, &past, |mut r| r.next_back().map(|(k, _)| k.clone()))? {
+                Some(Some(k)) => Some(k),
+                _ => cur.generation.records.range(from..past).next_back().transpose()?.map(|(k, _)| k),
+            };
         let Some(first_base) = first_key.map(|k| batch::parse_key(&k).map(|(_, _, base)| base).unwrap_or(0)) else {
             return Err(missing_batch(topic, partition, offset));
         };
@@ -1301,8 +1301,6 @@ pub(crate) fn rejected(code: ErrorCode, message: String) -> CommandResponse {
     CommandResponse::Rejected { code, message }
 }
 
-/// One apply call's working state: the new metadata, producer states it changed (`None`: removed),
-/// and the sled writes, committed together at the end.
 /// How many apply calls may share one sled transaction (see the module documentation): a crash
 /// makes the log replay at most this many more calls' entries.
 const MAX_DEFERRED_APPLIES: usize = 32;
@@ -1365,38 +1363,46 @@ struct UncommittedRefs {
     refs: BTreeMap<sled::IVec, sled::IVec>,
 }
 
-/// The batch references of a key range in key order: those in sled, then the uncommitted ones
-/// after the last sled gave. The uncommitted ones are copied *before* sled is read: a commit
-/// between the two moves references into sled before it drops them from memory, so each reference
-/// is in one of the two reads, and one seen twice is skipped.
+/// The batch references of a key range in key order: the union of those in sled and the
+/// uncommitted ones. The uncommitted ones are copied *before* sled is read: a commit between the
+/// two moves references into sled before it drops them from memory, so each reference is in one of
+/// the two reads; one in both is yielded once.
 struct MergedRefs {
-    committed: sled::Iter,
-    committed_done: bool,
-    uncommitted: std::vec::IntoIter<(sled::IVec, sled::IVec)>,
-    last: Option<sled::IVec>,
+    committed: std::iter::Peekable<sled::Iter>,
+    uncommitted: std::iter::Peekable<std::vec::IntoIter<(sled::IVec, sled::IVec)>>,
 }
 
 impl Iterator for MergedRefs {
     type Item = Result<(sled::IVec, sled::IVec), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if !self.committed_done {
-            match self.committed.next() {
-                Some(Ok((k, v))) => {
-                    self.last = Some(k.clone());
-                    return Some(Ok((k, v)));
+        let committed_key = match self.committed.peek() {
+            Some(Ok((k, _))) => Some(k.clone()),
+            Some(Err(_)) => return self.committed.next().map(|r| r.map_err(StoreError::from)),
+            None => None,
+        };
+        let take_uncommitted = match (&committed_key, self.uncommitted.peek()) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(c), Some((u, _))) => {
+                if u == c {
+                    self.uncommitted.next();
+                    false
+                } else {
+                    u < c
                 }
-                Some(Err(e)) => return Some(Err(e.into())),
-                None => self.committed_done = true,
             }
+        };
+        if take_uncommitted {
+            self.uncommitted.next().map(Ok)
+        } else {
+            self.committed.next().map(|r| r.map_err(StoreError::from))
         }
-        let last = self.last.take();
-        let next = self.uncommitted.by_ref().find(|(k, _)| last.as_ref().is_none_or(|l| k > l));
-        self.last = next.as_ref().map(|(k, _)| k.clone()).or(last);
-        next.map(Ok)
     }
 }
 
+/// One apply call's working state: the new metadata, producer states it changed (`None`: removed),
+/// and the sled writes, queued together at the end (see [`Deferred`]).
 struct Work<'a> {
     meta: Meta,
     producers: &'a HashMap<ProducerKey, ProducerState>,
@@ -2677,6 +2683,25 @@ mod tests {
         let end = store.partition_offsets("t").unwrap()[0].end_offset;
         let r = store.read("t", 0, end - 1, 10, 1 << 20).unwrap();
         assert_eq!(r.records[0].1.value, Bytes::from_static(b"after the snapshot"));
+    }
+
+    /// A commit between a reader's copy of the uncommitted references and its sled read leaves some
+    /// in both, and sled may also hold newer ones: the reader gets each once, in key order.
+    #[test]
+    fn merged_refs_yield_the_union_once_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).temporary(true).open().unwrap();
+        let tree = db.open_tree("r").unwrap();
+        let k = |i: u64| sled::IVec::from(&batch::key(1, 0, i)[..]);
+        for i in [1, 3, 4, 6] {
+            tree.insert(k(i), &i.to_be_bytes()).unwrap();
+        }
+        let copied: Vec<_> =
+            [2u64, 3, 4, 5, 7].iter().map(|&i| (k(i), sled::IVec::from(&i.to_be_bytes()[..]))).collect();
+        let merged =
+            MergedRefs { committed: tree.range(k(0)..k(100)).peekable(), uncommitted: copied.into_iter().peekable() };
+        let keys: Vec<u64> = merged.map(|r| batch::parse_key(&r.unwrap().0).unwrap().2).collect();
+        assert_eq!(keys, vec![1, 2, 3, 4, 5, 6, 7]);
     }
 
     /// Commits deferred applies to sled, for a test that looks at sled itself.
