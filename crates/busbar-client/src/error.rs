@@ -101,6 +101,12 @@ impl ClientError {
                 | tonic::Code::Aborted => {
                     ClientError::NoBroker { brokers: vec![], last: format!("{:?}: {}", st.code(), st.message()) }
                 }
+                // The HTTP/2 stream or connection was reset with INTERNAL_ERROR (tonic maps h2's
+                // reason to Internal): seen when a node dies with requests in flight. The transport
+                // broke; the request may or may not have reached the node.
+                tonic::Code::Internal if st.message().starts_with(H2_ERROR_PREFIX) => {
+                    ClientError::NoBroker { brokers: vec![], last: format!("{:?}: {}", st.code(), st.message()) }
+                }
                 tonic::Code::ResourceExhausted | tonic::Code::OutOfRange => ClientError::Api {
                     code: codes::RECORD_LIST_TOO_LARGE,
                     message: format!("the broker refused the request's size: {}", st.message()),
@@ -118,5 +124,26 @@ impl ClientError {
                 },
             },
         }
+    }
+}
+
+/// How tonic words a status it made from an HTTP/2 error (`Status::from_h2_error`).
+const H2_ERROR_PREFIX: &str = "h2 protocol error";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leader crash resets streams with INTERNAL_ERROR; an idempotent producer must see a broken
+    /// transport it may resend over, not a refusal it gives up on.
+    #[test]
+    fn an_http2_reset_is_a_transport_failure_but_a_plain_internal_status_is_not() {
+        let reset = tonic::Status::internal("h2 protocol error: http2 error");
+        let e = ClientError::from_status(&reset);
+        assert!(matches!(e, ClientError::NoBroker { .. }), "{e:?}");
+        assert!(e.is_retriable());
+        let other = ClientError::from_status(&tonic::Status::internal("failed to decode Protobuf message"));
+        assert_eq!(other.code(), Some(codes::UNKNOWN_SERVER_ERROR));
+        assert!(!other.is_retriable());
     }
 }
