@@ -246,7 +246,7 @@ impl Inner {
         if deferred.applies == 0 {
             return Ok(());
         }
-        let refs: Vec<(sled::IVec, sled::IVec)> = {
+        let records_batch = {
             let u = self.uncommitted_refs.read().map_err(lock_err)?;
             if u.generation != generation.id {
                 return Err(StoreError::corrupt(
@@ -254,13 +254,13 @@ impl Inner {
                     format!("uncommitted batches of generation {} in generation {}", u.generation, generation.id),
                 ));
             }
-            u.refs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            let mut b = sled::Batch::default();
+            for (k, v) in &u.refs {
+                b.insert(k, v);
+            }
+            b
         };
         let meta_batch = deferred.meta.to_batch();
-        let mut records_batch = sled::Batch::default();
-        for (k, v) in &refs {
-            records_batch.insert(k, v);
-        }
         (&generation.meta_tree, &generation.records)
             .transaction(|(m, r)| {
                 m.apply_batch(&meta_batch)?;
@@ -272,11 +272,9 @@ impl Inner {
                 TransactionError::Abort(()) => StoreError::corrupt("apply", "transaction aborted"),
             })?;
         *deferred = Deferred::default();
-        // In sled now, so dropped from memory (see `MergedRefs` for why readers miss none).
-        let mut u = self.uncommitted_refs.write().map_err(lock_err)?;
-        for (k, _) in &refs {
-            u.refs.remove(k);
-        }
+        // In sled now, so dropped from memory (see `MergedRefs` for why readers miss none). All of
+        // them: only apply adds references, and it holds `apply_lock`, as the caller does.
+        self.uncommitted_refs.write().map_err(lock_err)?.refs.clear();
         Ok(())
     }
 }
