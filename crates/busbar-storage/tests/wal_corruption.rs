@@ -269,6 +269,27 @@ fn last_segment_cut_at_a_frame_boundary_below_the_synced_mark_refuses_to_open() 
     let len = std::fs::metadata(&last).unwrap().len();
     OpenOptions::new().write(true).open(&last).unwrap().set_len(len - 3).unwrap();
     assert_refused_as_lost(Wal::open(dir.path(), marked()));
+    // Refusing leaves the evidence: the partial frame is still there, byte for byte, on every try.
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), len - 3, "a refused open cut the torn tail");
+    assert_refused_as_lost(Wal::open(dir.path(), marked()));
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), len - 3);
+}
+
+/// The last segment holds a single frame, torn: the segment would be removed as empty, but not before
+/// the mark is checked, so a refusal keeps it.
+#[test]
+fn a_torn_lone_frame_below_the_synced_mark_keeps_its_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 1, ..marked() }).unwrap();
+    for i in 1..=3 {
+        wal.append(vec![(i, payload(i))], Box::new(|r| r.unwrap())).unwrap();
+    }
+    wal.close().unwrap();
+    let last = segments(dir.path()).pop().unwrap();
+    assert!(last.ends_with("00000000000000000003.seg"), "{last:?}");
+    OpenOptions::new().write(true).open(&last).unwrap().set_len(FRAME_HEADER as u64 + 2).unwrap();
+    assert_refused_as_lost(Wal::open(dir.path(), WalOptions { segment_bytes: 1, ..marked() }));
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), FRAME_HEADER as u64 + 2, "the torn segment was touched");
 }
 
 #[test]

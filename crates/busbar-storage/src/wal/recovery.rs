@@ -7,6 +7,10 @@
 //!
 //! Why a torn tail can only be in the last segment: `append` fdatasyncs a segment before it creates the next
 //! one, so every segment but the last was fully on disk before anything was written after it.
+//!
+//! A torn tail is cut only after the log has been checked against its synced mark. If the log lost
+//! synced entries, opening refuses and leaves every byte where it was, the partial frame included: it
+//! is the evidence an operator (or `busbar`'s support) needs to tell a torn write from lost writes.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -76,6 +80,7 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
     let mut index = VecDeque::new();
     let mut first = None;
     let mut expected: Option<u64> = None;
+    let mut torn_tail = None;
     let count = bases.len();
     for (i, (base, path)) in bases.into_iter().enumerate() {
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(WalError::io("open", &path))?;
@@ -86,18 +91,23 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
             (Some(last), Some(p)) => last <= p,
             (Some(_), None) => false,
         };
+        let file = Arc::new(file);
+        if let Some(reason) = found.torn {
+            let keep = found.end;
+            torn_tail = Some(TornTail { path: path.clone(), file: file.clone(), keep, reason, remove: all_purged });
+        }
         if all_purged {
             // Empty (never written, or torn to nothing) or hidden entirely by the purge point. Deleting it
-            // also keeps the invariant that a segment's name is the index of its first frame.
-            drop(file);
-            remove(&path)?;
-            removed_any = true;
+            // also keeps the invariant that a segment's name is the index of its first frame. A torn one
+            // is deleted with the cut, after the mark check.
+            if torn_tail.as_ref().is_none_or(|t| t.path != path) {
+                drop(file);
+                remove(&path)?;
+                removed_any = true;
+            }
             continue;
         }
-        segments.push_back(Segment { base, path, file: Arc::new(file), len: found.end });
-    }
-    if removed_any {
-        format::sync_dir(dir)?;
+        segments.push_back(Segment { base, path, file, len: found.end });
     }
 
     // A log that ends below the synced mark lost entries it had fdatasynced (and so acknowledged),
@@ -129,6 +139,15 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
         }
     }
 
+    // Every check passed: only now is a torn tail known to be an append that was never acknowledged.
+    if let Some(torn) = torn_tail {
+        removed_any |= torn.remove;
+        torn.cut()?;
+    }
+    if removed_any {
+        format::sync_dir(dir)?;
+    }
+
     Ok(Recovered { segments, index, first: first.unwrap_or(0), purged, vote, mark })
 }
 
@@ -151,6 +170,39 @@ struct Found {
     /// Byte length of the valid frames (the file is cut to it if its tail was torn).
     end: u64,
     last_index: Option<u64>,
+    /// Why the bytes after `end` are a torn tail, if there are any: recovery cuts them once the synced
+    /// mark has been checked.
+    torn: Option<String>,
+}
+
+/// The torn tail of the last segment, cut only after the synced mark has been checked.
+struct TornTail {
+    path: PathBuf,
+    file: Arc<File>,
+    /// Length of the whole frames that stay.
+    keep: u64,
+    reason: String,
+    /// No live frame stays: the segment is removed rather than cut.
+    remove: bool,
+}
+
+impl TornTail {
+    fn cut(self) -> Result<(), WalError> {
+        let file_len = self.file.metadata().map_err(WalError::io("stat", &self.path))?.len();
+        tracing::warn!(
+            file = %self.path.display(),
+            offset = self.keep,
+            dropped_bytes = file_len.saturating_sub(self.keep),
+            reason = %self.reason,
+            "wal: cutting the torn tail of the last segment (an append that was never acknowledged)"
+        );
+        if self.remove {
+            drop(self.file);
+            return remove(&self.path);
+        }
+        self.file.set_len(self.keep).map_err(WalError::io("truncate", &self.path))?;
+        self.file.sync_data().map_err(WalError::io("fsync", &self.path))
+    }
 }
 
 /// A frame that cannot be used. Whether that is a torn tail or corruption depends on where it is.
@@ -178,12 +230,16 @@ impl Scan<'_> {
         let mut last_index = None;
         loop {
             if off == file_len {
-                return Ok(Found { end: off, last_index });
+                return Ok(Found { end: off, last_index, torn: None });
             }
             let remaining = file_len - off;
             let want = expected.unwrap_or(self.base);
             if remaining < FRAME_HEADER as u64 {
-                return self.bad(file, &mut rd, off, want, Bad::Incomplete).map(|end| Found { end, last_index });
+                return self.bad(file, &mut rd, off, want, Bad::Incomplete).map(|torn| Found {
+                    end: off,
+                    last_index,
+                    torn: Some(torn),
+                });
             }
             let mut head = [0u8; FRAME_HEADER];
             rd.read_exact(&mut head).map_err(io_err("read"))?;
@@ -191,17 +247,29 @@ impl Scan<'_> {
             let len = h.len as usize;
             if len > MAX_ENTRY_BYTES {
                 let bad = Bad::Invalid(format!("frame length {len} above the limit of {MAX_ENTRY_BYTES}"));
-                return self.bad(file, &mut rd, off, want, bad).map(|end| Found { end, last_index });
+                return self.bad(file, &mut rd, off, want, bad).map(|torn| Found {
+                    end: off,
+                    last_index,
+                    torn: Some(torn),
+                });
             }
             if remaining - (FRAME_HEADER as u64) < len as u64 {
-                return self.bad(file, &mut rd, off, want, Bad::Incomplete).map(|end| Found { end, last_index });
+                return self.bad(file, &mut rd, off, want, Bad::Incomplete).map(|torn| Found {
+                    end: off,
+                    last_index,
+                    torn: Some(torn),
+                });
             }
             payload.resize(len, 0);
             rd.read_exact(&mut payload).map_err(io_err("read"))?;
             let actual = frame_crc(&head, &payload);
             if actual != h.crc {
                 let bad = Bad::Invalid(format!("crc32 mismatch: stored {:#010x}, computed {actual:#010x}", h.crc));
-                return self.bad(file, &mut rd, off, want, bad).map(|end| Found { end, last_index });
+                return self.bad(file, &mut rd, off, want, bad).map(|torn| Found {
+                    end: off,
+                    last_index,
+                    torn: Some(torn),
+                });
             }
 
             // A frame with a good checksum at the wrong index cannot come from a torn write: always fatal.
@@ -232,9 +300,10 @@ impl Scan<'_> {
         }
     }
 
-    /// Decides what a bad frame at `off` means. Returns the length to cut the file to if it is a torn
-    /// tail; `rd` is positioned just after the part of the frame that was read.
-    fn bad(&self, file: &File, rd: &mut BufReader<&File>, off: u64, want: u64, bad: Bad) -> Result<u64, WalError> {
+    /// Decides what a bad frame at `off` means: corruption (an error) or a torn tail (returns the reason,
+    /// and the caller cuts the file at `off` later). `rd` is positioned just after the part of the frame
+    /// that was read.
+    fn bad(&self, file: &File, rd: &mut BufReader<&File>, off: u64, want: u64, bad: Bad) -> Result<String, WalError> {
         let torn = self.is_last
             && match &bad {
                 // A frame that seems to run past the end is a torn append, unless its length field is
@@ -266,17 +335,7 @@ impl Scan<'_> {
             let where_ = if self.is_last { "followed by non-zero data" } else { "in a segment that is not the last" };
             return Err(WalError::corrupt(self.path, off, format!("{reason}, {where_}")));
         }
-        let file_len = file.metadata().map_err(WalError::io("stat", self.path))?.len();
-        tracing::warn!(
-            file = %self.path.display(),
-            offset = off,
-            dropped_bytes = file_len.saturating_sub(off),
-            %reason,
-            "wal: cutting the torn tail of the last segment (an append that was never acknowledged)"
-        );
-        file.set_len(off).map_err(WalError::io("truncate", self.path))?;
-        file.sync_data().map_err(WalError::io("fsync", self.path))?;
-        Ok(off)
+        Ok(reason)
     }
 }
 
