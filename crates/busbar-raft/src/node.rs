@@ -88,8 +88,10 @@ impl RaftNode {
     pub async fn open(id: NodeId, data_dir: &Path, cfg: &RaftConfig) -> Result<Self, NodeError> {
         // sled locks its files exclusively: opening it first makes a second process on the same
         // data dir fail here, before it could run WAL recovery under a live node.
-        let store =
-            TopicStore::open(&data_dir.join("state"), &TopicStoreOptions { cache_bytes: cfg.sled_cache_bytes })?;
+        let store = TopicStore::open(
+            &data_dir.join("state"),
+            &TopicStoreOptions { cache_bytes: cfg.sled_cache_bytes, ..Default::default() },
+        )?;
         let wal = Wal::open(
             &data_dir.join("raft-log"),
             WalOptions { segment_bytes: cfg.wal_segment_bytes, ..WalOptions::default() },

@@ -17,6 +17,7 @@ pub mod durable;
 pub mod error;
 pub mod group_assign;
 pub mod groups;
+mod producers;
 pub mod snapshot_file;
 pub mod snapshot_manifest;
 pub mod topic_store;

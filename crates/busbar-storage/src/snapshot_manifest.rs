@@ -32,6 +32,21 @@ pub(crate) struct SnapshotHeader {
     pub partitions: Vec<(u32, u32, PartitionState)>,
     pub producers: Vec<(ProducerKey, ProducerState)>,
     pub groups: Vec<(String, GroupState)>,
+    /// Each producer state's stamp (`producers` module): last, so that a header written before
+    /// stamps existed is that header exactly, cut short here.
+    pub producer_stamps: Vec<(ProducerKey, u64)>,
+}
+
+/// A header as written before producer stamps existed.
+#[derive(Deserialize)]
+struct UnstampedHeader {
+    applied: Option<Vec<u8>>,
+    next_topic_id: u32,
+    next_producer_id: u64,
+    topics: Vec<TopicMeta>,
+    partitions: Vec<(u32, u32, PartitionState)>,
+    producers: Vec<(ProducerKey, ProducerState)>,
+    groups: Vec<(String, GroupState)>,
 }
 
 impl SnapshotHeader {
@@ -40,7 +55,29 @@ impl SnapshotHeader {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        bincode::deserialize(bytes).map_err(|e| StoreError::corrupt("snapshot header", e.to_string()))
+        let corrupt = |e: bincode::Error| StoreError::corrupt("snapshot header", e.to_string());
+        match bincode::deserialize::<Self>(bytes) {
+            Ok(h) => Ok(h),
+            // Cut short: an older header if it ends exactly where the stamps would begin (its
+            // layout, every byte used). Frames are crc-checked before this; a header cut anywhere
+            // else is refused.
+            Err(e) if matches!(&*e, bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof) => {
+                use bincode::Options;
+                let strict = bincode::DefaultOptions::new().with_fixint_encoding().reject_trailing_bytes();
+                let h: UnstampedHeader = strict.deserialize(bytes).map_err(corrupt)?;
+                Ok(Self {
+                    applied: h.applied,
+                    next_topic_id: h.next_topic_id,
+                    next_producer_id: h.next_producer_id,
+                    topics: h.topics,
+                    partitions: h.partitions,
+                    producers: h.producers,
+                    groups: h.groups,
+                    producer_stamps: Vec::new(),
+                })
+            }
+            Err(e) => Err(corrupt(e)),
+        }
     }
 }
 
@@ -120,5 +157,40 @@ impl Pin {
     /// Whether the batches of a deleted topic must stay.
     pub fn holds_topic(&self, topic_id: u32) -> bool {
         self.topics.contains(&topic_id)
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn header(stamps: Vec<(ProducerKey, u64)>) -> SnapshotHeader {
+        let st = ProducerState { recent: [(0, 7, 1)].into(), last_used: 0 };
+        SnapshotHeader {
+            applied: Some(vec![1, 2]),
+            next_topic_id: 3,
+            next_producer_id: 9,
+            topics: Vec::new(),
+            partitions: Vec::new(),
+            producers: vec![((4, 0, 0), st)],
+            groups: Vec::new(),
+            producer_stamps: stamps,
+        }
+    }
+
+    #[test]
+    fn a_header_from_before_producer_stamps_still_reads_and_a_cut_one_does_not() {
+        let stamped = header(vec![((4, 0, 0), 11)]).encode().unwrap();
+        let back = SnapshotHeader::decode(&stamped).unwrap();
+        assert_eq!((back.producers.len(), back.producer_stamps), (1, vec![((4, 0, 0), 11)]));
+        // The older layout is this one without the stamps' vector (an 8-byte length, empty here).
+        let mut old = header(Vec::new()).encode().unwrap();
+        old.truncate(old.len() - 8);
+        let back = SnapshotHeader::decode(&old).unwrap();
+        assert_eq!((back.next_producer_id, back.producers.len(), back.producer_stamps.len()), (9, 1, 0));
+        // Cut inside the stamps: neither layout, refused.
+        assert!(SnapshotHeader::decode(&stamped[..stamped.len() - 3]).is_err());
+        assert!(SnapshotHeader::decode(&stamped[..stamped.len() - 16]).is_err());
     }
 }

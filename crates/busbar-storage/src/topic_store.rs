@@ -5,7 +5,8 @@
 //! - `gN.meta`: `applied` (the replication layer's opaque applied position: last log id and
 //!   membership), `next_topic_id`, `t/<name>` → [`TopicMeta`], `p/<topic id><partition>` →
 //!   [`PartitionState`], `reclaim/<topic id>` → deleted topics whose batches are still to delete,
-//!   `next_producer_id`, `s/<producer id><topic id><partition>` → [`ProducerState`],
+//!   `next_producer_id`, `s/<producer id><topic id><partition>` → ([`ProducerState`], its stamp;
+//!   see `crate::producers`; a state stored before stamps has none and reads as the oldest),
 //!   `grp/<group>` → [`GroupState`] (members, assignments, generation, committed offsets);
 //! - `gN.records`: `[topic id][partition][base offset]` → a [`BatchRef`]: where the stored batch
 //!   ([`crate::batch`]) is in the batch files ([`crate::batch_files`]), its crc, count and newest
@@ -34,7 +35,7 @@
 //! the data is append-only and bounded by the end offsets captured at the snapshot's index.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -72,18 +73,9 @@ pub struct PartitionState {
     pub bytes: u64,
 }
 
-/// How many of an idempotent producer's most recent batches per partition are remembered: a retry of
-/// any of them is answered with its original offsets (Kafka keeps five as well).
-pub const PRODUCER_WINDOW: usize = 5;
-
-/// An idempotent producer's recent batches in one partition: (sequence, base offset, count).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProducerState {
-    pub recent: VecDeque<(u64, u64, u32)>,
-}
-
-/// (producer id, topic id, partition)
-pub(crate) type ProducerKey = (u64, u32, u32);
+pub(crate) use crate::producers::ProducerKey;
+use crate::producers::{self, ProducerTable};
+pub use crate::producers::{ProducerState, DEFAULT_MAX_PRODUCER_STATES, PRODUCER_WINDOW};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicInfo {
@@ -155,6 +147,10 @@ pub struct TopicStoreOptions {
     /// node's memory grows with its data; past it, only sled's per-page bookkeeping still grows
     /// (about 0.35 MiB per GiB stored, docs/benchmarks.md).
     pub cache_bytes: u64,
+    /// The most idempotent-producer states (one per producer id and partition written) kept; past it
+    /// the least recently used are evicted (see `producers`). Part of the replicated state machine:
+    /// every node of a cluster must use the same value. At least 1.
+    pub max_producer_states: usize,
 }
 
 impl TopicStoreOptions {
@@ -164,7 +160,7 @@ impl TopicStoreOptions {
 
 impl Default for TopicStoreOptions {
     fn default() -> Self {
-        Self { cache_bytes: Self::DEFAULT_CACHE_BYTES }
+        Self { cache_bytes: Self::DEFAULT_CACHE_BYTES, max_producer_states: DEFAULT_MAX_PRODUCER_STATES }
     }
 }
 
@@ -217,7 +213,9 @@ struct Inner {
     retired: Mutex<Vec<u64>>,
     /// Idempotent producers' recent batches. Only apply reads and writes them (under `apply_lock`),
     /// so they live apart from `Meta`, which is copied on every apply.
-    producers: Mutex<HashMap<ProducerKey, ProducerState>>,
+    producers: Mutex<ProducerTable>,
+    /// `TopicStoreOptions::max_producer_states`.
+    max_producer_states: usize,
     /// Consumer groups. Written by apply (under `apply_lock`; a group change is never deferred); read by
     /// the API.
     groups: RwLock<BTreeMap<String, GroupState>>,
@@ -401,7 +399,8 @@ impl TopicStore {
                 export_guard: RwLock::new(()),
                 pin: Mutex::new(None),
                 retired: Mutex::new(Vec::new()),
-                producers: Mutex::new(producers),
+                producers: Mutex::new(ProducerTable::new(producers)),
+                max_producer_states: opts.max_producer_states.max(1),
                 groups: RwLock::new(groups),
                 group_offsets_moved: std::sync::atomic::AtomicU64::new(0),
                 files,
@@ -441,6 +440,7 @@ impl TopicStore {
                     partitions: Vec::new(),
                     producers: Vec::new(),
                     groups: Vec::new(),
+                    producer_stamps: Vec::new(),
                 };
                 let mut fw = FrameWriter::new(w).map_err(|e| io("write", e))?;
                 fw.frame(FrameKind::Header, &[&header.encode()?]).map_err(|e| io("write", e))?;
@@ -508,12 +508,15 @@ impl TopicStore {
             self.inner.commit_deferred(&cur.generation)?;
         }
         let mut producers = self.inner.producers.lock().map_err(lock_err)?;
+        let producers = &mut *producers;
         // Read-locked for the whole apply (only apply writes groups, under `apply_lock`); copied only
         // if a command changes a group, so a produce does not clone every group.
         let groups_now = self.inner.groups.read().map_err(lock_err)?;
         let mut w = Work {
             meta: (*cur.meta).clone(),
-            producers: &producers,
+            producers: &producers.states,
+            producer_clock: producers.clock,
+            producers_live: producers.states.len(),
             touched: HashMap::new(),
             groups: Cow::Borrowed(&*groups_now),
             touched_groups: BTreeSet::new(),
@@ -533,15 +536,25 @@ impl TopicStore {
                 Some(cmd) => {
                     let resp = w.apply_one(cmd)?;
                     // Merged batches never span entries: which entries one apply call gets differs
-                    // between nodes, and batch boundaries must not (retention cuts at them).
+                    // between nodes, and batch boundaries must not (retention cuts at them). The same
+                    // goes for which producer states are evicted.
                     w.store_pending()?;
+                    w.evict_producers(self.inner.max_producer_states)?;
                     resp
                 }
             };
             responses.push(resp);
         }
         let Work {
-            mut meta, touched, mut meta_batch, records_batch, groups, touched_groups, group_offsets_moved, ..
+            mut meta,
+            touched,
+            producer_clock,
+            mut meta_batch,
+            records_batch,
+            groups,
+            touched_groups,
+            group_offsets_moved,
+            ..
         } = w;
         for name in &touched_groups {
             match groups.get(name) {
@@ -573,10 +586,11 @@ impl TopicStore {
         self.inner.current.write().map_err(lock_err)?.meta = Arc::new(meta);
         for (k, st) in touched {
             match st {
-                Some(st) => producers.insert(k, st),
-                None => producers.remove(&k),
+                Some(st) => producers.states.insert(k, st),
+                None => producers.states.remove(&k),
             };
         }
+        producers.clock = producer_clock;
         if let Some(groups) = changed_groups {
             *self.inner.groups.write().map_err(lock_err)? = groups;
         }
@@ -729,8 +743,15 @@ impl TopicStore {
         let cur = self.current()?;
         // An export reads the batches the manifest names from sled.
         self.inner.commit_deferred(&cur.generation)?;
-        let producers: Vec<_> =
-            self.inner.producers.lock().map_err(lock_err)?.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let (producers, producer_stamps): (Vec<_>, Vec<_>) = self
+            .inner
+            .producers
+            .lock()
+            .map_err(lock_err)?
+            .states
+            .iter()
+            .map(|(k, v)| ((*k, v.clone()), (*k, v.last_used)))
+            .unzip();
         let groups: Vec<_> =
             self.inner.groups.read().map_err(lock_err)?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let meta = &cur.meta;
@@ -744,6 +765,7 @@ impl TopicStore {
             partitions,
             producers,
             groups,
+            producer_stamps,
         };
         let manifest = SnapshotManifest::new(cur.generation.id, &header)?;
         let pin = Pin::of(&manifest)?;
@@ -865,7 +887,7 @@ impl TopicStore {
         *self.inner.uncommitted_refs.write().map_err(lock_err)? =
             UncommittedRefs { generation: new_id, refs: BTreeMap::new() };
         *self.inner.current.write().map_err(lock_err)? = Current { generation: gen, meta: Arc::new(meta) };
-        *self.inner.producers.lock().map_err(lock_err)? = producers;
+        *self.inner.producers.lock().map_err(lock_err)? = ProducerTable::new(producers);
         *self.inner.groups.write().map_err(lock_err)? = groups;
         *self.inner.pin.lock().map_err(lock_err)? = Some(pin);
         self.inner.retired.lock().map_err(lock_err)?.push(old.generation.id);
@@ -1289,8 +1311,7 @@ fn load_producers(tree: &sled::Tree) -> Result<HashMap<ProducerKey, ProducerStat
             ),
             _ => return Err(StoreError::corrupt("producer state key", format!("{k:?}"))),
         };
-        let st: ProducerState = checked::open_bincode(&|| format!("producer state {key:?}"), &v)?;
-        out.insert(key, st);
+        out.insert(key, producers::decode_stored(&|| format!("producer state {key:?}"), &v)?);
     }
     Ok(out)
 }
@@ -1404,6 +1425,10 @@ impl Iterator for MergedRefs {
 struct Work<'a> {
     meta: Meta,
     producers: &'a HashMap<ProducerKey, ProducerState>,
+    /// The next producer stamp (see `producers`): taken from the table, written back after.
+    producer_clock: u64,
+    /// Producer states held counting this call's changes: `producers` with `touched` over it.
+    producers_live: usize,
     touched: HashMap<ProducerKey, Option<ProducerState>>,
     /// The groups, copied on the first change (to write back), and which ones this apply changed.
     groups: Cow<'a, BTreeMap<String, GroupState>>,
@@ -1445,6 +1470,40 @@ struct PendingBatch<'a> {
 const MERGED_BATCH_BYTES: usize = 64 << 10;
 
 impl<'a> Work<'a> {
+    /// Evicts the least recently used producer states past `max` (see `producers`). Runs after each
+    /// entry, never in the middle of one or once per apply call: which entries one call gets differs
+    /// between nodes, and the states evicted must not.
+    fn evict_producers(&mut self, max: usize) -> Result<(), StoreError> {
+        if self.producers_live <= max {
+            return Ok(());
+        }
+        let held = self.producers.iter().filter(|(k, _)| !self.touched.contains_key(k));
+        let changed = self.touched.iter().filter_map(|(k, st)| st.as_ref().map(|st| (k, st)));
+        let live: Vec<_> = held.chain(changed).map(|(k, st)| (st.last_used, *k)).collect();
+        let evicted = producers::choose_evictions(live, max);
+        tracing::info!(
+            evicted = evicted.len(),
+            max,
+            "evicting the least recently used idempotent producer states (the node's bound)"
+        );
+        for k in evicted {
+            self.set_producer(k, None)?;
+        }
+        Ok(())
+    }
+
+    /// Changes (or with `None` removes) a producer state, in memory and in the queued writes.
+    fn set_producer(&mut self, k: ProducerKey, st: Option<ProducerState>) -> Result<(), StoreError> {
+        let was = self.producer(k).is_some();
+        match &st {
+            Some(st) => self.meta_batch.insert(producer_key(k), producers::encode_stored(st)?),
+            None => self.meta_batch.remove(producer_key(k)),
+        }
+        self.producers_live = self.producers_live + usize::from(st.is_some()) - usize::from(was);
+        self.touched.insert(k, st);
+        Ok(())
+    }
+
     fn producer(&self, k: ProducerKey) -> Option<&ProducerState> {
         match self.touched.get(&k) {
             Some(st) => st.as_ref(),
@@ -1717,8 +1776,7 @@ impl<'a> Work<'a> {
         let gone: Vec<ProducerKey> =
             self.producers.keys().chain(self.touched.keys()).filter(|(_, tid, _)| *tid == t.id).copied().collect();
         for k in gone {
-            self.meta_batch.remove(producer_key(k));
-            self.touched.insert(k, None);
+            self.set_producer(k, None)?;
         }
         self.meta_batch.insert(reclaim_key(t.id), checked::seal_bincode("reclaim", &t.partitions)?);
         self.topics_changed(name, Some(t.id));
@@ -1758,7 +1816,20 @@ impl<'a> Work<'a> {
                     format!("producer id {} was not handed out by this cluster", ps.producer_id),
                 ));
             }
-            if let Some(st) = self.producer((ps.producer_id, id, partition)) {
+            let state = self.producer((ps.producer_id, id, partition));
+            if state.is_none() && ps.sequence > 0 {
+                // A partition's first batch from a producer is sequence 0: this one's state was
+                // evicted (or its topic recreated), so a retry cannot be told from a new batch.
+                return Ok(rejected(
+                    ErrorCode::UnknownProducerId,
+                    format!(
+                        "producer {} has no state in {topic}/{partition} for batch {} (least recently used \
+                         producer states are evicted past the node's bound); continue under a new producer id",
+                        ps.producer_id, ps.sequence
+                    ),
+                ));
+            }
+            if let Some(st) = state {
                 if let Some(&(_, base, n)) = st.recent.iter().find(|(seq, _, _)| *seq == ps.sequence) {
                     return Ok(CommandResponse::Produced { base_offset: base, count: n, duplicate: true });
                 }
@@ -1811,8 +1882,9 @@ impl<'a> Work<'a> {
             while st.recent.len() > PRODUCER_WINDOW {
                 st.recent.pop_front();
             }
-            self.meta_batch.insert(producer_key(k), checked::seal_bincode("producer state", &st)?);
-            self.touched.insert(k, Some(st));
+            st.last_used = self.producer_clock;
+            self.producer_clock += 1;
+            self.set_producer(k, Some(st))?;
         }
         Ok(CommandResponse::Produced { base_offset: base, count, duplicate: false })
     }
@@ -1839,8 +1911,11 @@ fn fill_generation<R: Read>(
     }
     mb.insert(NEXT_TOPIC_ID_KEY, checked::seal_bincode("next topic id", &header.next_topic_id)?);
     mb.insert(NEXT_PRODUCER_ID_KEY, checked::seal_bincode("next producer id", &header.next_producer_id)?);
+    // Headers written before stamps existed carry none: those states read as the oldest.
+    let stamps: HashMap<ProducerKey, u64> = header.producer_stamps.iter().copied().collect();
     for (k, st) in &header.producers {
-        mb.insert(producer_key(*k), checked::seal_bincode("producer state", st)?);
+        let st = ProducerState { last_used: stamps.get(k).copied().unwrap_or(0), ..st.clone() };
+        mb.insert(producer_key(*k), producers::encode_stored(&st)?);
     }
     for (name, g) in &header.groups {
         mb.insert(group_key(name), checked::seal_bincode("group", g)?);
@@ -1894,9 +1969,13 @@ mod tests {
     /// Opens a store, waiting out the lock of one just dropped: sled releases its file lock when
     /// its last internal reference goes, which a background thread may hold a moment longer.
     fn open_store(path: &Path) -> TopicStore {
+        open_store_with(path, &TopicStoreOptions::default())
+    }
+
+    fn open_store_with(path: &Path, opts: &TopicStoreOptions) -> TopicStore {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match TopicStore::open(path, &TopicStoreOptions::default()) {
+            match TopicStore::open(path, opts) {
                 Ok(store) => return store,
                 Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -2448,6 +2527,107 @@ mod tests {
         );
         // The id counter came along too: a new producer gets a fresh id.
         assert!(new_producer(&b) > pid);
+    }
+
+    fn bounded(max_producer_states: usize) -> TopicStoreOptions {
+        TopicStoreOptions { max_producer_states, ..TopicStoreOptions::default() }
+    }
+
+    fn idem_cmd(pid: u64, seq: u64) -> Command {
+        Command::Produce {
+            topic: name("t"),
+            partition: 0,
+            records: batch_of(vec![rec(&format!("{pid}/{seq}"))]),
+            producer: Some(ProducerSeq { producer_id: pid, sequence: seq }),
+        }
+    }
+
+    /// The producer states a store holds, least recently used first.
+    fn producers_by_age(store: &TopicStore) -> Vec<ProducerKey> {
+        let table = store.inner.producers.lock().unwrap();
+        let mut v: Vec<_> = table.states.iter().map(|(k, s)| (s.last_used, *k)).collect();
+        v.sort();
+        v.into_iter().map(|(_, k)| k).collect()
+    }
+
+    #[test]
+    fn past_the_bound_the_least_recently_used_producer_states_go_and_their_retries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store_with(dir.path(), &bounded(8));
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        let pids: Vec<u64> = (0..9).map(|_| new_producer(&store)).collect();
+        for &pid in &pids[..8] {
+            assert!(matches!(idem(&store, "t", 0, pid, 0, "v"), CommandResponse::Produced { duplicate: false, .. }));
+        }
+        assert_eq!(producers_by_age(&store).len(), 8, "at the bound, nothing is evicted");
+        // The oldest id is used again: it is now the most recently used, not the first to go.
+        assert!(matches!(idem(&store, "t", 0, pids[0], 1, "v"), CommandResponse::Produced { duplicate: false, .. }));
+        // A ninth state: down to 7/8 of the bound, the two least recently used (pids 1 and 2).
+        idem(&store, "t", 0, pids[8], 0, "v");
+        let held: Vec<u64> = producers_by_age(&store).iter().map(|k| k.0).collect();
+        assert_eq!(held, [&pids[3..8], &[pids[0], pids[8]]].concat());
+        // An evicted producer's retry cannot be told from a new batch: refused, nothing written.
+        let end = store.partition_offsets("t").unwrap()[0].end_offset;
+        let refused = idem(&store, "t", 0, pids[1], 1, "v");
+        assert_eq!(code(&refused), Some(ErrorCode::UnknownProducerId), "{refused:?}");
+        assert_eq!(store.partition_offsets("t").unwrap()[0].end_offset, end);
+        // Held states still answer retries with their offsets.
+        assert!(matches!(idem(&store, "t", 0, pids[0], 1, "v"), CommandResponse::Produced { duplicate: true, .. }));
+        assert!(matches!(idem(&store, "t", 0, pids[3], 0, "v"), CommandResponse::Produced { duplicate: true, .. }));
+    }
+
+    /// Eviction is part of the replicated state: a node that got the same entries in other apply
+    /// calls, one restarted, and one installed from a snapshot must hold the same states.
+    #[test]
+    fn producer_eviction_is_the_same_however_entries_are_grouped_and_after_reopen_or_snapshot() {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (a, b) = (open_store_with(dirs[0].path(), &bounded(8)), open_store_with(dirs[1].path(), &bounded(8)));
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
+        let init = Command::InitProducerId;
+        let mut first: Vec<Command> = vec![create];
+        first.extend((0..12).map(|_| init.clone()));
+        // Producers 1..=12 write in an order that is not their id order, some twice.
+        let order = [5u64, 3, 9, 1, 12, 7, 3, 2, 11, 5, 8, 4, 10, 6];
+        let mut seqs = HashMap::new();
+        for &pid in &order {
+            let seq = seqs.entry(pid).or_insert(0u64);
+            first.push(idem_cmd(pid, *seq));
+            *seq += 1;
+        }
+        // a: one entry per apply call; b: all of them in one call.
+        for c in &first {
+            a.apply(&[Some(c)], Bytes::from_static(b"a")).unwrap();
+        }
+        let all: Vec<Option<&Command>> = first.iter().map(Some).collect();
+        b.apply(&all, Bytes::from_static(b"b")).unwrap();
+        assert_eq!(producers_by_age(&a), producers_by_age(&b));
+        // 12 states, evicted down to 7 each time a 9th appears (after each entry): 8 at the end.
+        assert_eq!(producers_by_age(&a).len(), 8);
+
+        // a restarts; c is installed from b's snapshot; then all three apply more.
+        a.flush_durable().unwrap();
+        drop(a);
+        let a = open_store_with(dirs[0].path(), &bounded(8));
+        let c = open_store_with(dirs[2].path(), &bounded(8));
+        let (_, snap) = b.export_snapshot(&b.capture_snapshot().unwrap(), Vec::new()).unwrap();
+        c.import_snapshot(&snap[..], "snap").unwrap();
+        let held = producers_by_age(&b);
+        let mut more = vec![idem_cmd(held[0].0, seqs[&held[0].0])];
+        more.extend((0..2).map(|_| init.clone()));
+        more.push(idem_cmd(13, 0));
+        more.push(idem_cmd(14, 0));
+        for s in [&a, &b, &c] {
+            for cmd in &more {
+                s.apply(&[Some(cmd)], Bytes::from_static(b"m")).unwrap();
+            }
+        }
+        let after = producers_by_age(&b);
+        assert_eq!(after.len(), 8, "the first new state made 9: down to 7, then the second");
+        assert_eq!(after.last().map(|k| k.0), Some(14));
+        assert!(after.iter().any(|k| k.0 == held[0].0), "the state just touched stays");
+        assert_eq!(producers_by_age(&a), after, "the restarted node");
+        assert_eq!(producers_by_age(&c), after, "the node installed from a snapshot");
     }
 
     fn produce_at(store: &TopicStore, ts: i64, n: usize) -> u64 {
