@@ -171,6 +171,29 @@ impl InProcessCluster {
         Ok(())
     }
 
+    /// Starts a stopped node again under its id and address with its data directory emptied (as
+    /// after a lost disk) and every node as `--peers`. Tries once: the start's error if it refused.
+    pub async fn restart_wiped(&mut self, id: NodeId) -> anyhow::Result<Result<(), String>> {
+        if self.running(id) {
+            bail!("node {id} is running");
+        }
+        std::fs::remove_dir_all(self.data_dir(id))?;
+        let mut cfg = self.config(id);
+        cfg.peers = self.addrs.iter().map(|(i, a)| (*i, a.to_string())).collect();
+        let l = wait::until(&format!("node {id}'s address to be free"), Duration::from_secs(20), || {
+            let listen = cfg.listen;
+            async move { TcpListener::bind(listen).await.ok() }
+        })
+        .await?;
+        match busbar_server::spawn(cfg, l).await {
+            Ok(handle) => {
+                self.nodes.insert(id, handle);
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(e.to_string())),
+        }
+    }
+
     /// Starts a fresh node that joins the cluster through `via` (as `--join`).
     pub async fn start_joining(&mut self, id: NodeId, via: NodeId) -> anyhow::Result<()> {
         let l = TcpListener::bind("127.0.0.1:0").await?;

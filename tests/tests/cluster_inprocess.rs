@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use busbar_client::{Client, Record};
 use busbar_raft::RaftConfig;
 use busbar_server::Limits;
@@ -268,6 +269,53 @@ async fn t40_membership_3_to_5_to_3_under_writes_loses_nothing() -> anyhow::Resu
     for id in c.ids() {
         assert_has_all(&c, id, "m", 2, &acked).await?;
     }
+    c.shutdown().await;
+    Ok(())
+}
+
+/// "The one hazard" (docs/operations.md): a member's disk is lost and the node is started empty under
+/// its id. It would be a voter that forgot what it acknowledged (and the leader would stop
+/// replicating to it), so it refuses to start, naming the fix, until the id is removed; then it
+/// joins empty and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t41_an_empty_disk_under_a_members_id_refuses_to_start_until_the_id_is_removed() -> anyhow::Result<()> {
+    let mut c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    client.create_topic("h", 2).await?;
+    let mut acked = Acked::new();
+    produce_n(&client, "h", 2, 0, 20, &mut acked).await?;
+    let leader = c.leader().await?;
+    let lost = c.ids().into_iter().find(|id| *id != leader).context("a follower")?;
+    // The leader publishes what each member acknowledged.
+    wait::until("the leader to report the follower's acknowledgements", Duration::from_secs(20), || async {
+        let st = client.cluster_status().await.ok()?;
+        let l = st.nodes.iter().find(|n| n.id == leader)?;
+        (l.acknowledged.get(&lost).copied().unwrap_or(0) > 0).then_some(())
+    })
+    .await?;
+
+    c.stop(lost).await?;
+    let refused = c.restart_wiped(lost).await?;
+    let err = refused.err().context("an empty disk under a member's id started")?;
+    assert!(
+        err.contains("empty data directory") && err.contains(&format!("cluster remove-node {lost}")),
+        "the refusal must say what happened and what to do: {err}"
+    );
+    assert!(!c.running(lost));
+    // The others carry on.
+    produce_n(&client, "h", 2, 20, 10, &mut acked).await?;
+
+    // The runbook: remove the id, then start the node empty; it joins and catches up.
+    client.remove_node(lost).await?;
+    wait::until("the leader to drop the removed member", Duration::from_secs(20), || async {
+        let st = client.cluster_status().await.ok()?;
+        let l = st.nodes.iter().find(|n| n.id == leader)?;
+        (!l.acknowledged.contains_key(&lost)).then_some(())
+    })
+    .await?;
+    c.start_joining(lost, leader).await?;
+    c.wait_identical("h", 2, Duration::from_secs(60)).await?;
+    assert_has_all(&c, lost, "h", 2, &acked).await?;
     c.shutdown().await;
     Ok(())
 }

@@ -2,6 +2,10 @@
 //! holds an initialized cluster, so the cluster is formed once whichever node starts first, and a
 //! restarted node (which has a log) never initializes again. `--join`: a pristine node asks the
 //! cluster to add it (learner, catch up, voter), following leader redirects.
+//!
+//! Before either, and before it serves, a pristine node checks that the cluster does not remember
+//! it ([`refuse_if_forgotten`]): an empty data directory under the id of a member that acknowledged
+//! entries is a voter that forgot them (docs/operations.md, "The one hazard").
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -22,9 +26,63 @@ pub enum BootstrapError {
     Join { addr: String, attempts: u32, last: String },
     #[error("raft: {0}")]
     Fatal(String),
+    #[error(
+        "node {id} has an empty data directory, but the leader (node {leader} at {leader_addr}) says node {id} \
+         acknowledged log entries up to index {index}: this node's data is gone. A voter that forgot what it \
+         acknowledged can help elect a leader that lacks acknowledged records, so it will not start. Remove it \
+         first (`busbar cluster remove-node {id}`), then start it empty (docs/operations.md, \"Replacing a dead node\")"
+    )]
+    Forgotten { id: NodeId, leader: NodeId, leader_addr: String, index: u64 },
 }
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A live node answers its own status in milliseconds; a peer that is not up yet refuses the
+/// connection at once. This bounds the rest (a hung peer, or a socket bound but not served yet).
+const FORGOTTEN_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// A cluster-status call probes every member (1 s each at most, concurrently): room for that.
+const FORGOTTEN_STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Refuses to go on if this node is pristine (no Raft state on disk) and a leader reachable through
+/// `contacts` lists it among the members that acknowledged entries. Best effort: with no leader
+/// reachable (a cluster forming, or partitioned from us) there is nothing to ask, and a leader
+/// elected after this node's data was lost no longer remembers its acknowledgements. Bounded: one
+/// round of concurrent status calls to the contacts, and for a contact that is not the leader but
+/// knows one, one cluster-status call through it.
+pub async fn refuse_if_forgotten(node: &RaftNode, contacts: &[String]) -> Result<(), BootstrapError> {
+    if node.raft.is_initialized().await.map_err(|e| BootstrapError::Fatal(e.to_string()))? {
+        return Ok(());
+    }
+    let calls: Vec<_> = contacts
+        .iter()
+        .map(|addr| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let own = probe(&addr, FORGOTTEN_PROBE_TIMEOUT).await.ok()?;
+                if own.role == pb::NodeRole::Leader as i32 {
+                    return Some(own);
+                }
+                if !own.has_leader {
+                    return None;
+                }
+                // Through a follower (`--join` names any member): the leader's own answer.
+                let all = crate::cluster::cluster_status(&addr, FORGOTTEN_STATUS_TIMEOUT).await.ok()?;
+                all.nodes.into_iter().find(|n| n.role == pb::NodeRole::Leader as i32 && n.reachable)
+            })
+        })
+        .collect();
+    for call in calls {
+        let Ok(Some(leader)) = call.await else { continue };
+        if let Some(index) = leader.acknowledged.get(&node.id).copied() {
+            return Err(BootstrapError::Forgotten {
+                id: node.id,
+                leader: leader.id,
+                leader_addr: leader.addr.clone(),
+                index,
+            });
+        }
+    }
+    Ok(())
+}
 /// Joining retries for about ten minutes, then gives up with an error (bounded, not forever).
 const JOIN_ATTEMPTS: u32 = 300;
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(2);

@@ -79,6 +79,13 @@ pub fn local_status(m: &RaftMetrics, addr: &str) -> pb::NodeStatus {
         initialized: m.last_log_index.is_some() || m.vote.leader_id().term > 0,
         voter: membership.voter_ids().any(|v| v == m.id),
         disk_bytes: 0,
+        acknowledged: m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != m.id)
+            .filter_map(|(id, matched)| matched.map(|l| (*id, l.index)))
+            .collect(),
     }
 }
 
@@ -105,6 +112,19 @@ where
 }
 
 /// Asks one node for its own status, bounded by `timeout`.
+/// Asks the node at `addr` for the status of every member, as it sees them.
+pub async fn cluster_status(addr: &str, timeout: Duration) -> Result<pb::ClusterStatusResponse, String> {
+    let ch = busbar_raft::network::channel(addr).map_err(|e| e.to_string())?;
+    let mut client = ClusterClient::new(ch);
+    let mut req = Request::new(pb::ClusterStatusRequest {});
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.status(req)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(st)) => Err(st.message().to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
 pub async fn probe(addr: &str, timeout: Duration) -> Result<pb::NodeStatus, String> {
     let ch = busbar_raft::network::channel(addr).map_err(|e| e.to_string())?;
     let mut client = ClusterClient::new(ch);

@@ -83,6 +83,11 @@ async fn start(
         .await
         .map_err(|source| ServerError::Open { dir: cfg.data_dir.display().to_string(), source })?;
     tracing::info!(id = cfg.id, listen = %cfg.listen, advertise = %cfg.advertise, data_dir = %cfg.data_dir.display(), "node started");
+    // Before serving: a node that must not take part has not voted or acknowledged anything yet.
+    if let Err(e) = bootstrap::refuse_if_forgotten(&node, &cfg.membership_contacts()).await {
+        node.shutdown().await;
+        return Err(e.into());
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(node.clone().run_reclaimer(stop_rx.clone()));
