@@ -275,6 +275,26 @@ fn last_segment_cut_at_a_frame_boundary_below_the_synced_mark_refuses_to_open() 
     assert_eq!(std::fs::metadata(&last).unwrap().len(), len - 3);
 }
 
+/// Emptied segments would be deleted as "never written", but not before the checks: a refused open
+/// keeps them (found in review: the last one emptied below the mark, a middle one emptied).
+#[test]
+fn emptied_segments_stay_on_disk_when_the_open_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    build_marked(dir.path(), 20);
+    let segs = segments(dir.path());
+    let last = segs.last().unwrap().clone();
+    OpenOptions::new().write(true).open(&last).unwrap().set_len(0).unwrap();
+    assert_refused_as_lost(Wal::open(dir.path(), marked()));
+    assert!(last.exists(), "the emptied last segment was deleted by a refused open");
+
+    let dir = tempfile::tempdir().unwrap();
+    build(dir.path(), 40);
+    let segs = segments(dir.path());
+    OpenOptions::new().write(true).open(&segs[1]).unwrap().set_len(0).unwrap();
+    assert!(matches!(Wal::open(dir.path(), opts()), Err(WalError::Corrupt { .. })));
+    assert_eq!(segments(dir.path()), segs, "a refused open deleted a segment");
+}
+
 /// The last segment holds a single frame, torn: the segment would be removed as empty, but not before
 /// the mark is checked, so a refusal keeps it.
 #[test]

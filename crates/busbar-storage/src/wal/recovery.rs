@@ -8,9 +8,9 @@
 //! Why a torn tail can only be in the last segment: `append` fdatasyncs a segment before it creates the next
 //! one, so every segment but the last was fully on disk before anything was written after it.
 //!
-//! A torn tail is cut only after the log has been checked against its synced mark. If the log lost
-//! synced entries, opening refuses and leaves every byte where it was, the partial frame included: it
-//! is the evidence an operator (or `busbar`'s support) needs to tell a torn write from lost writes.
+//! Nothing is cut or deleted until every check has passed: a torn tail, segments hidden by the purge
+//! point, empty segments. If the log lost synced entries or has a gap, opening refuses and leaves
+//! every file and byte where it was: the evidence needed to tell a torn write from lost writes.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -46,6 +46,8 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
 
     let mut bases: Vec<(u64, PathBuf)> = Vec::new();
     let mut removed_any = false;
+    // Files to delete once every check has passed (see the module documentation).
+    let mut to_remove: Vec<PathBuf> = Vec::new();
     for entry in fs::read_dir(dir).map_err(WalError::io("list", dir))? {
         let entry = entry.map_err(WalError::io("list", dir))?;
         let name = entry.file_name();
@@ -71,8 +73,7 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
     if let Some(p) = purged_index {
         while bases.len() >= 2 && bases[1].0 <= p.saturating_add(1) {
             let (_, path) = bases.remove(0);
-            remove(&path)?;
-            removed_any = true;
+            to_remove.push(path);
         }
     }
 
@@ -99,11 +100,10 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
         if all_purged {
             // Empty (never written, or torn to nothing) or hidden entirely by the purge point. Deleting it
             // also keeps the invariant that a segment's name is the index of its first frame. A torn one
-            // is deleted with the cut, after the mark check.
+            // is deleted with the cut; either only after the checks below.
             if torn_tail.as_ref().is_none_or(|t| t.path != path) {
                 drop(file);
-                remove(&path)?;
-                removed_any = true;
+                to_remove.push(path);
             }
             continue;
         }
@@ -140,6 +140,10 @@ pub(super) fn recover(dir: &Path) -> Result<Recovered, WalError> {
     }
 
     // Every check passed: only now is a torn tail known to be an append that was never acknowledged.
+    for path in &to_remove {
+        remove(path)?;
+        removed_any = true;
+    }
     if let Some(torn) = torn_tail {
         removed_any |= torn.remove;
         torn.cut()?;
