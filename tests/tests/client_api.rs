@@ -379,6 +379,54 @@ async fn t30_idempotent_producer_keeps_exactly_once_across_leader_crash() -> any
 /// The client keeps one connection per broker for calls it may repeat. When a broker it already
 /// talked to stops, those calls move on to the others, and a plain (non-idempotent) write, which
 /// never uses a kept connection, is not reported INDETERMINATE because of the dead one.
+/// Apply version 2 refuses a producer that starts a partition above sequence 0 without state there
+/// (UNKNOWN_PRODUCER_ID): that happens to every live producer when its topic is deleted and
+/// recreated. The cluster wrote nothing, so the `Producer` sends the batch again under a fresh id,
+/// and the application sees only successes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t32_a_producer_carries_on_into_a_recreated_topic() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    let newest = busbar_storage::apply_version::APPLY_VERSION;
+    wait::until("the cluster at the newest apply version", Duration::from_secs(20), || async {
+        let st = client.cluster_status().await.ok()?;
+        st.nodes.iter().all(|n| n.apply_version == newest).then_some(())
+    })
+    .await?;
+    client.create_topic("again", 1).await?;
+    let producer = Producer::new(client.clone(), ProducerConfig::default()).await?;
+    for i in 0..3 {
+        producer.send("again", Record::value(format!("a-{i}"))).await?.await?;
+    }
+    client.delete_topic("again").await?;
+    client.create_topic("again", 1).await?;
+    // The raw refusal the producer meets (sequence 3 of an id the new topic never saw).
+    let pid = match client.init_producer_id().await {
+        Ok(pid) => pid,
+        Err(e) => anyhow::bail!("init producer id: {e}"),
+    };
+    let raw = client
+        .produce_request(pb::ProduceRequest {
+            topic: "again".into(),
+            partition: Some(0),
+            records: vec![pb::Record { value: b"raw".to_vec(), ..Default::default() }],
+            producer_id: pid,
+            sequence: 1,
+        })
+        .await;
+    assert_code("a stateless producer above sequence 0", raw, codes::UNKNOWN_PRODUCER_ID)?;
+    for i in 0..3 {
+        let m = producer.send("again", Record::value(format!("b-{i}"))).await?.await?;
+        assert_eq!(m.offset, i, "b-{i} lands in the recreated topic in order");
+    }
+    producer.close().await;
+    let got = consume_n(&client, "again", 0, 3).await?;
+    let values: Vec<String> = got.iter().map(|r| String::from_utf8_lossy(&r.value).to_string()).collect();
+    assert_eq!(values, ["b-0", "b-1", "b-2"]);
+    c.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t35_a_kept_connection_to_a_stopped_broker_fails_over() -> anyhow::Result<()> {
     let mut c = InProcessCluster::start(3).await?;

@@ -76,6 +76,15 @@ async fn t10_three_nodes_elect_exactly_one_leader() -> anyhow::Result<()> {
     assert_eq!(st.nodes.len(), 3);
     assert!(st.nodes.iter().all(|n| n.reachable));
     assert_eq!(st.leader_id, leader);
+    // Every member runs this build, so the leader moves the cluster to the newest apply version,
+    // through the log: every node applies it.
+    let newest = busbar_storage::apply_version::APPLY_VERSION;
+    wait::until("every node at the newest apply version", Duration::from_secs(20), || async {
+        let st = c.client().await.ok()?.cluster_status().await.ok()?;
+        (st.nodes.len() == 3 && st.nodes.iter().all(|n| n.apply_version == newest && n.max_apply_version == newest))
+            .then_some(())
+    })
+    .await?;
     c.shutdown().await;
     Ok(())
 }

@@ -713,15 +713,17 @@ impl Shared {
         sequence: u64,
     ) -> Outcome {
         let deadline = Instant::now() + self.config.delivery_timeout;
-        let (producer_id, sequence) = match producer_id {
+        let (mut producer_id, mut sequence) = match producer_id {
             Some(pid) => (pid, sequence),
             None => match self.fresh_producer_id(deadline).await {
                 Ok(pid) => (pid, 0),
                 Err(e) => return Outcome { result: Err(e), producer_id: None, sequence, maybe_written: false },
             },
         };
-        let req =
+        let mut req =
             pb::ProduceRequest { topic: topic.to_string(), partition: Some(partition), records, producer_id, sequence };
+        // Sent again under a fresh id already (see UNKNOWN_PRODUCER_ID below): at most once.
+        let mut renewed = false;
         let idempotent = self.config.idempotent;
         let mut backoff = self.config.retry_backoff;
         let mut maybe_written = false;
@@ -737,6 +739,36 @@ impl Shared {
             let give_up =
                 |e: ClientError| Outcome { result: Err(e), producer_id: Some(producer_id), sequence, maybe_written };
             if !v.retry {
+                if idempotent && err.code() == Some(codes::UNKNOWN_PRODUCER_ID) {
+                    // The cluster holds no state for this id in the partition (evicted past the
+                    // node's bound, or the topic was recreated): it wrote nothing for this attempt.
+                    if maybe_written {
+                        // An earlier attempt may have: the outcome is unknown, not refused.
+                        let message = format!(
+                            "the batch may or may not have been committed: an earlier attempt may have written it, \
+                             and the cluster no longer knows producer {producer_id} ({err})"
+                        );
+                        return give_up(ClientError::Api { code: codes::INDETERMINATE, message, leader_addr: None });
+                    }
+                    if !renewed && sequence > 0 {
+                        // Nothing was written at all: the same batch under a fresh id, from 0.
+                        match self.fresh_producer_id(deadline).await {
+                            Ok(pid) => {
+                                tracing::info!(
+                                    topic,
+                                    partition,
+                                    old = producer_id,
+                                    new = pid,
+                                    "producer id unknown to the cluster; sending under a fresh one"
+                                );
+                                (producer_id, sequence, renewed) = (pid, 0, true);
+                                (req.producer_id, req.sequence) = (pid, 0);
+                                continue;
+                            }
+                            Err(e) => return give_up(e),
+                        }
+                    }
+                }
                 return give_up(err);
             }
             if v.maybe_written && !idempotent {

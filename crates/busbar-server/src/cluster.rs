@@ -37,7 +37,12 @@ impl ClusterService {
     fn local(&self) -> pb::NodeStatus {
         // Disk use is a report, not a check: a directory that cannot be read counts as 0.
         let disk_bytes = crate::metrics::dir_bytes(&self.data_dir, 0).unwrap_or(0);
-        pb::NodeStatus { disk_bytes, ..local_status(&self.metrics(), &self.advertise) }
+        pb::NodeStatus {
+            disk_bytes,
+            apply_version: self.node.store.apply_version().unwrap_or(0),
+            max_apply_version: busbar_storage::apply_version::APPLY_VERSION,
+            ..local_status(&self.metrics(), &self.advertise)
+        }
     }
 
     fn metrics(&self) -> RaftMetrics {
@@ -86,6 +91,9 @@ pub fn local_status(m: &RaftMetrics, addr: &str) -> pb::NodeStatus {
             .filter(|(id, _)| **id != m.id)
             .filter_map(|(id, matched)| matched.map(|l| (*id, l.index)))
             .collect(),
+        // Filled in by `ClusterService::local`, which has the store.
+        apply_version: 0,
+        max_apply_version: 0,
     }
 }
 

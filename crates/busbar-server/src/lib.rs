@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod api;
+pub mod apply_version;
 pub mod bootstrap;
 pub mod cluster;
 pub mod config;

@@ -136,6 +136,7 @@ async fn start(
         cfg.retention_check,
         stop_rx.clone(),
     ));
+    tokio::spawn(crate::apply_version::run(node.clone(), proposer.clone(), stop_rx.clone()));
     let groups = GroupsService::new(node.clone(), proposer);
     tokio::spawn(groups.clone().run(stop_rx.clone()));
     let groups = GroupsServer::new(groups);

@@ -10,6 +10,7 @@
 //!
 //! `docs/storage.md` says what is durable when; read it before changing a write path.
 
+pub mod apply_version;
 pub mod batch;
 pub mod batch_files;
 pub mod checked;

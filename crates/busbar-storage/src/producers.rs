@@ -1,11 +1,12 @@
 //! Idempotent producers' state: the recent batches of each (producer id, topic, partition), which let
 //! a retried batch be answered with its original offsets instead of being appended twice.
 //!
-//! The table is bounded. Every producer id the cluster hands out could otherwise leave a state per
-//! partition it wrote to, forever: a service that starts a fresh producer per process or per job
-//! grows every node's memory without limit. Past [`TopicStoreOptions::max_producer_states`] the least
-//! recently used states are evicted (Kafka expires them by time instead; a Raft state machine needs a
-//! rule every node applies identically, and wall clocks differ between nodes).
+//! The table is bounded from apply version 2 on (`crate::apply_version`; before it, the rules of
+//! older builds: unbounded). Every producer id the cluster hands out could otherwise leave a state
+//! per partition it wrote to, forever: a service that starts a fresh producer per process or per
+//! job grows every node's memory without limit. Past [`TopicStoreOptions::max_producer_states`] the
+//! least recently used states are evicted (Kafka expires them by time instead; a Raft state machine
+//! needs a rule every node applies identically, and wall clocks differ between nodes).
 //!
 //! Determinism: "least recently used" is decided by a stamp each state gets when a batch touches it,
 //! from a counter that only apply advances. Every node applies the same commands in the same order, so
@@ -13,11 +14,17 @@
 //! absolute value may differ after a restart (it restarts above the largest stamp still held), which
 //! changes no order among the states still held. The stamps are stored beside each state (sled) and
 //! in the snapshot header, so a restarted node and a node installed from a snapshot order them the
-//! same way too.
+//! same way too. Stamps given before the move to version 2 depend on each node's history (which
+//! build applied which entry); the move restamps every state in key order.
 //!
-//! An evicted producer that sends a partition a sequence above 0 is refused with
-//! `UnknownProducerId` (Kafka's code 59): without its state, the store cannot tell a retry from a new
-//! batch, and appending it could duplicate a record. The client continues under a fresh producer id.
+//! From version 2, a producer with no state in a partition that sends it a sequence above 0 (its
+//! state was evicted, or the topic recreated) is refused with `UnknownProducerId` (Kafka's code 59):
+//! without its state, the store cannot tell a retry from a new batch, and appending it could
+//! duplicate a record. The Rust client sends such a batch again under a fresh producer id from
+//! sequence 0 when no earlier attempt may have written it, and reports INDETERMINATE when one may
+//! have. A retry of sequence 0 after its state was evicted cannot be told from a first batch and is
+//! appended again: eviction is least-recently-used, so that takes more than the bound's worth of
+//! other producers' states between two attempts of one batch.
 //!
 //! [`TopicStoreOptions::max_producer_states`]: crate::topic_store::TopicStoreOptions::max_producer_states
 

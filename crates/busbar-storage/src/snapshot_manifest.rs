@@ -35,6 +35,8 @@ pub(crate) struct SnapshotHeader {
     /// Each producer state's stamp (`producers` module): last, so that a header written before
     /// stamps existed is that header exactly, cut short here.
     pub producer_stamps: Vec<(ProducerKey, u64)>,
+    /// `crate::apply_version`; added with the stamps.
+    pub apply_version: u32,
 }
 
 /// A header as written before producer stamps existed.
@@ -74,6 +76,7 @@ impl SnapshotHeader {
                     producers: h.producers,
                     groups: h.groups,
                     producer_stamps: Vec::new(),
+                    apply_version: crate::apply_version::LEGACY_APPLY_VERSION,
                 })
             }
             Err(e) => Err(corrupt(e)),
@@ -176,6 +179,7 @@ mod header_tests {
             producers: vec![((4, 0, 0), st)],
             groups: Vec::new(),
             producer_stamps: stamps,
+            apply_version: 2,
         }
     }
 
@@ -184,11 +188,14 @@ mod header_tests {
         let stamped = header(vec![((4, 0, 0), 11)]).encode().unwrap();
         let back = SnapshotHeader::decode(&stamped).unwrap();
         assert_eq!((back.producers.len(), back.producer_stamps), (1, vec![((4, 0, 0), 11)]));
-        // The older layout is this one without the stamps' vector (an 8-byte length, empty here).
+        assert_eq!(back.apply_version, 2);
+        // The older layout is this one without the stamps' vector (an 8-byte length, empty here)
+        // and the apply version (4 bytes).
         let mut old = header(Vec::new()).encode().unwrap();
-        old.truncate(old.len() - 8);
+        old.truncate(old.len() - 12);
         let back = SnapshotHeader::decode(&old).unwrap();
         assert_eq!((back.next_producer_id, back.producers.len(), back.producer_stamps.len()), (9, 1, 0));
+        assert_eq!(back.apply_version, 1, "a header from before versions is at version 1");
         // Cut inside the stamps: neither layout, refused.
         assert!(SnapshotHeader::decode(&stamped[..stamped.len() - 3]).is_err());
         assert!(SnapshotHeader::decode(&stamped[..stamped.len() - 16]).is_err());

@@ -48,6 +48,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::apply_version::{APPLY_VERSION, BOUNDED_PRODUCERS, LEGACY_APPLY_VERSION};
 use crate::batch_files::{BatchFiles, BatchRef};
 use crate::groups::{GroupState, Topics};
 use crate::snapshot_file::{FrameKind, FrameReader, FrameWriter};
@@ -174,6 +175,8 @@ struct Meta {
     next_topic_id: u32,
     next_producer_id: u64,
     applied: Option<Bytes>,
+    /// The rules apply follows (see `crate::apply_version`).
+    apply_version: u32,
 }
 
 #[derive(Clone)]
@@ -295,6 +298,7 @@ const GENERATION_KEY: &[u8] = b"generation";
 const APPLIED_KEY: &[u8] = b"applied";
 const NEXT_TOPIC_ID_KEY: &[u8] = b"next_topic_id";
 const NEXT_PRODUCER_ID_KEY: &[u8] = b"next_producer_id";
+const APPLY_VERSION_KEY: &[u8] = b"apply_version";
 const BATCHES_SYNCED_KEY: &[u8] = b"batches_synced";
 /// Present once the store keeps batch bytes in batch files; a store without it is of an earlier
 /// release, with the batches in sled, and is converted at open.
@@ -441,6 +445,7 @@ impl TopicStore {
                     producers: Vec::new(),
                     groups: Vec::new(),
                     producer_stamps: Vec::new(),
+                    apply_version: LEGACY_APPLY_VERSION,
                 };
                 let mut fw = FrameWriter::new(w).map_err(|e| io("write", e))?;
                 fw.frame(FrameKind::Header, &[&header.encode()?]).map_err(|e| io("write", e))?;
@@ -489,6 +494,11 @@ impl TopicStore {
     /// The applied position last written by `apply` or a snapshot install (opaque to this crate).
     pub fn applied(&self) -> Result<Option<Bytes>, StoreError> {
         Ok(self.current()?.meta.applied.clone())
+    }
+
+    /// The rules apply follows now (`crate::apply_version`).
+    pub fn apply_version(&self) -> Result<u32, StoreError> {
+        Ok(self.current()?.meta.apply_version)
     }
 
     /// Applies commands in log order. `None` stands for a log entry with no command (blank or
@@ -766,6 +776,7 @@ impl TopicStore {
             producers,
             groups,
             producer_stamps,
+            apply_version: meta.apply_version,
         };
         let manifest = SnapshotManifest::new(cur.generation.id, &header)?;
         let pin = Pin::of(&manifest)?;
@@ -1268,6 +1279,10 @@ fn load_meta(tree: &sled::Tree) -> Result<Meta, StoreError> {
         Some(v) => checked::open_bincode(&|| "next producer id".into(), &v)?,
         None => FIRST_PRODUCER_ID,
     };
+    meta.apply_version = match tree.get(APPLY_VERSION_KEY)? {
+        Some(v) => checked::open_bincode(&|| "apply version".into(), &v)?,
+        None => LEGACY_APPLY_VERSION,
+    };
     for kv in tree.scan_prefix(b"t/") {
         let (k, v) = kv?;
         let t: TopicMeta = checked::open_bincode(&|| format!("topic {}", String::from_utf8_lossy(&k)), &v)?;
@@ -1474,7 +1489,7 @@ impl<'a> Work<'a> {
     /// entry, never in the middle of one or once per apply call: which entries one call gets differs
     /// between nodes, and the states evicted must not.
     fn evict_producers(&mut self, max: usize) -> Result<(), StoreError> {
-        if self.producers_live <= max {
+        if self.producers_live <= max || self.meta.apply_version < BOUNDED_PRODUCERS {
             return Ok(());
         }
         let held = self.producers.iter().filter(|(k, _)| !self.touched.contains_key(k));
@@ -1490,6 +1505,42 @@ impl<'a> Work<'a> {
             self.set_producer(k, None)?;
         }
         Ok(())
+    }
+
+    /// Moves to the rules of `version` (see `crate::apply_version`). A version this build does not
+    /// know stops apply: the entries after it would be applied differently here than elsewhere.
+    fn set_apply_version(&mut self, version: u32) -> Result<CommandResponse, StoreError> {
+        if version > APPLY_VERSION {
+            return Err(StoreError::corrupt(
+                "apply version",
+                format!(
+                    "the log moves to apply version {version}; this build applies up to {APPLY_VERSION}: upgrade it"
+                ),
+            ));
+        }
+        let from = self.meta.apply_version;
+        if version <= from {
+            return Ok(CommandResponse::ApplyVersionSet { version: from });
+        }
+        if from < BOUNDED_PRODUCERS && version >= BOUNDED_PRODUCERS {
+            // The stamps so far came from each node's own history (its build when it applied
+            // each entry): replaced by one every node computes alike, key order.
+            let mut keys: Vec<ProducerKey> = self.producers.keys().chain(self.touched.keys()).copied().collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let mut stamp = 0;
+            for k in keys {
+                if let Some(st) = self.producer(k).cloned() {
+                    self.set_producer(k, Some(ProducerState { last_used: stamp, ..st }))?;
+                    stamp += 1;
+                }
+            }
+            self.producer_clock = stamp;
+        }
+        self.meta.apply_version = version;
+        self.meta_batch.insert(APPLY_VERSION_KEY, checked::seal_bincode("apply version", &version)?);
+        tracing::info!(from, to = version, "apply version raised");
+        Ok(CommandResponse::ApplyVersionSet { version })
     }
 
     /// Changes (or with `None` removes) a producer state, in memory and in the queued writes.
@@ -1591,6 +1642,7 @@ impl<'a> Work<'a> {
                 }
                 CommandResponse::Batch(out)
             }
+            Command::SetApplyVersion { version } => self.set_apply_version(*version)?,
             Command::InitProducerId => {
                 let id = self.meta.next_producer_id;
                 self.meta.next_producer_id = id
@@ -1817,7 +1869,7 @@ impl<'a> Work<'a> {
                 ));
             }
             let state = self.producer((ps.producer_id, id, partition));
-            if state.is_none() && ps.sequence > 0 {
+            if state.is_none() && ps.sequence > 0 && self.meta.apply_version >= BOUNDED_PRODUCERS {
                 // A partition's first batch from a producer is sequence 0: this one's state was
                 // evicted (or its topic recreated), so a retry cannot be told from a new batch.
                 return Ok(rejected(
@@ -1911,6 +1963,13 @@ fn fill_generation<R: Read>(
     }
     mb.insert(NEXT_TOPIC_ID_KEY, checked::seal_bincode("next topic id", &header.next_topic_id)?);
     mb.insert(NEXT_PRODUCER_ID_KEY, checked::seal_bincode("next producer id", &header.next_producer_id)?);
+    if header.apply_version > APPLY_VERSION {
+        return Err(reader.bad(format!(
+            "the snapshot is at apply version {}; this build applies up to {APPLY_VERSION}: upgrade this node",
+            header.apply_version
+        )));
+    }
+    mb.insert(APPLY_VERSION_KEY, checked::seal_bincode("apply version", &header.apply_version)?);
     // Headers written before stamps existed carry none: those states read as the oldest.
     let stamps: HashMap<ProducerKey, u64> = header.producer_stamps.iter().copied().collect();
     for (k, st) in &header.producers {
@@ -2542,6 +2601,46 @@ mod tests {
         }
     }
 
+    fn set_version(store: &TopicStore, version: u32) -> Result<Vec<CommandResponse>, StoreError> {
+        store.apply(&[Some(&Command::SetApplyVersion { version })], Bytes::from_static(b"v"))
+    }
+
+    /// Before the log moves to version 2, producer states are never evicted and a producer may
+    /// start a partition at any sequence (the rules nodes of older builds still apply); the move
+    /// itself applies the bound, and a version this build does not know stops apply.
+    #[test]
+    fn producer_bounds_start_at_the_apply_version_entry_not_with_the_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store_with(dir.path(), &bounded(2));
+        assert_eq!(store.apply_version().unwrap(), crate::apply_version::LEGACY_APPLY_VERSION);
+        let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        let pids: Vec<u64> = (0..3).map(|_| new_producer(&store)).collect();
+        for &pid in &pids {
+            idem(&store, "t", 0, pid, 0, "v");
+        }
+        assert_eq!(producers_by_age(&store).len(), 3, "no bound at version 1");
+        let fresh = new_producer(&store);
+        assert!(matches!(idem(&store, "t", 0, fresh, 4, "v"), CommandResponse::Produced { duplicate: false, .. }));
+        assert_eq!(producers_by_age(&store).len(), 4);
+
+        assert_eq!(set_version(&store, 2).unwrap(), vec![CommandResponse::ApplyVersionSet { version: 2 }]);
+        assert_eq!(store.apply_version().unwrap(), 2);
+        // Restamped in key order, then down to the bound: the two highest producer ids stay.
+        let held: Vec<u64> = producers_by_age(&store).iter().map(|k| k.0).collect();
+        assert_eq!(held, vec![pids[2], fresh]);
+        let other = new_producer(&store);
+        assert_eq!(code(&idem(&store, "t", 0, other, 1, "v")), Some(ErrorCode::UnknownProducerId));
+        // Going back is a no-op; a version this build does not know is an error, not a skip.
+        assert_eq!(set_version(&store, 1).unwrap(), vec![CommandResponse::ApplyVersionSet { version: 2 }]);
+        let err = set_version(&store, crate::apply_version::APPLY_VERSION + 1).unwrap_err().to_string();
+        assert!(err.contains("upgrade"), "{err}");
+        // The version survives a reopen.
+        store.flush_durable().unwrap();
+        drop(store);
+        assert_eq!(open_store_with(dir.path(), &bounded(2)).apply_version().unwrap(), 2);
+    }
+
     /// The producer states a store holds, least recently used first.
     fn producers_by_age(store: &TopicStore) -> Vec<ProducerKey> {
         let table = store.inner.producers.lock().unwrap();
@@ -2556,6 +2655,7 @@ mod tests {
         let store = open_store_with(dir.path(), &bounded(8));
         let create = Command::CreateTopic { name: name("t"), partitions: 1, config: TopicConfig::default() };
         store.apply(&[Some(&create)], Bytes::from_static(b"1")).unwrap();
+        set_version(&store, 2).unwrap();
         let pids: Vec<u64> = (0..9).map(|_| new_producer(&store)).collect();
         for &pid in &pids[..8] {
             assert!(matches!(idem(&store, "t", 0, pid, 0, "v"), CommandResponse::Produced { duplicate: false, .. }));
@@ -2578,7 +2678,8 @@ mod tests {
     }
 
     /// Eviction is part of the replicated state: a node that got the same entries in other apply
-    /// calls, one restarted, and one installed from a snapshot must hold the same states.
+    /// calls, one restarted (before and after the move to version 2), and one installed from a
+    /// snapshot must hold the same states.
     #[test]
     fn producer_eviction_is_the_same_however_entries_are_grouped_and_after_reopen_or_snapshot() {
         let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -2595,17 +2696,47 @@ mod tests {
             first.push(idem_cmd(pid, *seq));
             *seq += 1;
         }
-        // a: one entry per apply call; b: all of them in one call.
-        for c in &first {
+        // Version 1 first (what older builds applied): a gets the entries one per apply call and
+        // restarts halfway; b gets them all in one call. Their stamps differ; no state is evicted.
+        let half = first.len() / 2;
+        for c in &first[..half] {
+            a.apply(&[Some(c)], Bytes::from_static(b"a")).unwrap();
+        }
+        a.flush_durable().unwrap();
+        drop(a);
+        let a = open_store_with(dirs[0].path(), &bounded(8));
+        for c in &first[half..] {
             a.apply(&[Some(c)], Bytes::from_static(b"a")).unwrap();
         }
         let all: Vec<Option<&Command>> = first.iter().map(Some).collect();
         b.apply(&all, Bytes::from_static(b"b")).unwrap();
+        assert_eq!(producers_by_age(&a).len(), 12);
+        assert_eq!(producers_by_age(&b).len(), 12);
+        // The move to version 2 restamps by key and evicts down to 7: the same on both.
+        set_version(&a, 2).unwrap();
+        set_version(&b, 2).unwrap();
         assert_eq!(producers_by_age(&a), producers_by_age(&b));
-        // 12 states, evicted down to 7 each time a 9th appears (after each entry): 8 at the end.
-        assert_eq!(producers_by_age(&a).len(), 8);
+        assert_eq!(producers_by_age(&a).iter().map(|k| k.0).collect::<Vec<_>>(), (6..=12).collect::<Vec<u64>>());
+        // More in different groupings: 5 then 3 touched again, then 4 new producers (2 evictions).
+        let init2: Vec<Command> = (0..4).map(|_| init.clone()).collect();
+        let second: Vec<Command> = [idem_cmd(12, seqs[&12]), idem_cmd(6, seqs[&6])]
+            .into_iter()
+            .chain(init2)
+            .chain((13..=16).map(|p| idem_cmd(p, 0)))
+            .collect();
+        for c in &second {
+            a.apply(&[Some(c)], Bytes::from_static(b"a")).unwrap();
+        }
+        let all: Vec<Option<&Command>> = second.iter().map(Some).collect();
+        b.apply(&all, Bytes::from_static(b"b")).unwrap();
+        assert_eq!(producers_by_age(&a), producers_by_age(&b));
+        // 7 + 4 new, each 9th evicting down to 7: 7.
+        assert_eq!(producers_by_age(&a).len(), 7);
+        for p in [12, 6] {
+            seqs.insert(p, seqs[&p] + 1);
+        }
 
-        // a restarts; c is installed from b's snapshot; then all three apply more.
+        // a restarts again; c is installed from b's snapshot; then all three apply more.
         a.flush_durable().unwrap();
         drop(a);
         let a = open_store_with(dirs[0].path(), &bounded(8));
@@ -2613,18 +2744,19 @@ mod tests {
         let (_, snap) = b.export_snapshot(&b.capture_snapshot().unwrap(), Vec::new()).unwrap();
         c.import_snapshot(&snap[..], "snap").unwrap();
         let held = producers_by_age(&b);
-        let mut more = vec![idem_cmd(held[0].0, seqs[&held[0].0])];
+        let oldest = held[0].0;
+        let mut more = vec![idem_cmd(oldest, seqs.get(&oldest).copied().unwrap_or(1))];
         more.extend((0..2).map(|_| init.clone()));
-        more.push(idem_cmd(13, 0));
-        more.push(idem_cmd(14, 0));
+        more.push(idem_cmd(17, 0));
+        more.push(idem_cmd(18, 0));
         for s in [&a, &b, &c] {
             for cmd in &more {
                 s.apply(&[Some(cmd)], Bytes::from_static(b"m")).unwrap();
             }
         }
         let after = producers_by_age(&b);
-        assert_eq!(after.len(), 8, "the first new state made 9: down to 7, then the second");
-        assert_eq!(after.last().map(|k| k.0), Some(14));
+        assert_eq!(after.len(), 7, "the second new state made 9: down to 7");
+        assert_eq!(after.last().map(|k| k.0), Some(18));
         assert!(after.iter().any(|k| k.0 == held[0].0), "the state just touched stays");
         assert_eq!(producers_by_age(&a), after, "the restarted node");
         assert_eq!(producers_by_age(&c), after, "the node installed from a snapshot");

@@ -100,6 +100,13 @@ pub enum Command {
     /// because the Raft core makes each entry durable before it takes the next. A command
     /// inside a batch may not itself be a batch (rejected as INVALID_REQUEST).
     Batch(Vec<Command>),
+    /// From this entry on, apply with the rules of `version` (see `busbar_storage::apply_version`).
+    /// The leader proposes it once every member reports a binary that knows `version`, so that
+    /// nodes running different builds never apply one entry differently. Last in this enum: the
+    /// encoding of every earlier command is unchanged.
+    SetApplyVersion {
+        version: u32,
+    },
 }
 
 /// Where [`Command::ResetOffsets`] moves a group's offsets: resolved at apply time, from the
@@ -144,4 +151,8 @@ pub enum CommandResponse {
     },
     /// The answers to a [`Command::Batch`], in its order.
     Batch(Vec<CommandResponse>),
+    /// The apply version in effect after a [`Command::SetApplyVersion`].
+    ApplyVersionSet {
+        version: u32,
+    },
 }

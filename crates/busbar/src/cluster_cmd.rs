@@ -64,6 +64,9 @@ fn print_status(nodes: &[NodeStatus], output: Output) {
                     "applied_index": opt(n.has_applied_index, n.applied_index),
                     "reachable": n.reachable,
                     "disk_bytes": n.reachable.then_some(n.disk_bytes),
+                    "apply_version": n.reachable.then_some(n.apply_version),
+                    "max_apply_version": n.reachable.then_some(n.max_apply_version),
+                    "acknowledged": n.acknowledged.iter().map(|(id, i)| (id.to_string(), *i)).collect::<std::collections::BTreeMap<_, _>>(),
                 });
                 println!("{j}");
             }

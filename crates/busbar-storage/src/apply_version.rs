@@ -1,0 +1,28 @@
+//! Apply versions: which rules the state machine applies an entry with.
+//!
+//! Every replica must turn the same log into the same state. A build that changes what apply does
+//! with an entry would break that while a cluster runs two builds (a rolling upgrade), and even
+//! after a full-stop upgrade, because each node replays the entries past its own applied position
+//! with the new rules while the others applied them with the old. So a change of rules takes effect
+//! at a point of the log: the entry [`busbar_types::Command::SetApplyVersion`], which the leader
+//! proposes only once every member runs a build that knows the new version
+//! (`busbar_server::apply_version`). Before that entry every node applies the old rules, whatever
+//! its build; from it on, the new ones.
+//!
+//! The versions:
+//! - **1**: the rules before versions existed. A store that never saw the command is at 1 (a new
+//!   store too: it may be about to replay a log written at 1).
+//! - **2**: idempotent-producer states are bounded (`crate::producers`): past the bound the least
+//!   recently used are evicted, and a producer with no state in a partition may only start at
+//!   sequence 0 (UNKNOWN_PRODUCER_ID otherwise). Entering 2 restamps every state held in key order,
+//!   so that the stamps every node assigned before (by its own build's history) do not matter.
+
+/// The version of a store that never applied [`busbar_types::Command::SetApplyVersion`].
+pub const LEGACY_APPLY_VERSION: u32 = 1;
+
+/// The highest version this build can apply. A log that asks for a higher one stops this node's
+/// state machine (it cannot apply the entries that follow the way the others will).
+pub const APPLY_VERSION: u32 = 2;
+
+/// From this version on, producer states are bounded and a stateless producer must start at 0.
+pub(crate) const BOUNDED_PRODUCERS: u32 = 2;
