@@ -609,3 +609,58 @@ async fn t50_lag_is_end_minus_committed_per_partition() -> anyhow::Result<()> {
     c.shutdown().await;
     Ok(())
 }
+
+/// Retention removes records a member's fetch task had not reached yet: the member goes on from
+/// the oldest record left (OFFSET_OUT_OF_RANGE, then the start offset as `DescribeTopic` reports
+/// it, which needs no leader) instead of retrying the removed offset forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t60_records_removed_by_retention_before_the_group_reached_them_are_skipped() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    client.create_topic("ret", 1).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+    let old = now - 2 * 3_600_000;
+    for i in 0..100 {
+        client.produce("ret", 0, vec![Record::value(format!("old-{i}")).with_timestamp_ms(old)]).await?;
+    }
+    // One record per fetch: the member's queue holds 16 batches, so its fetch task stops a few
+    // records in while the application does not poll.
+    let mut cfg = config("ret-g", "ret", Duration::from_secs(10), None);
+    cfg.max_poll_records = 1;
+    let mut consumer = GroupConsumer::subscribe(client.clone(), cfg).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no record 20 s after subscribing");
+        let got = consumer.poll(Duration::from_millis(200)).await?;
+        if let Some(r) = got.into_iter().next() {
+            break r;
+        }
+    };
+    anyhow::ensure!(first.offset == 0, "the group starts at the earliest record");
+
+    client.alter_topic_config("ret", &[("retention.ms".into(), "3600000".into())], &[]).await?;
+    wait::until("retention to remove the old records", Duration::from_secs(20), || async {
+        let d = client.describe_topic("ret").await.ok()?;
+        (d.partitions.first()?.start_offset == 100).then_some(())
+    })
+    .await?;
+    for i in 0..5 {
+        client.produce("ret", 0, vec![Record::value(format!("new-{i}"))]).await?;
+    }
+    // What was fetched before the cut is still delivered; then the member skips to offset 100.
+    let mut values = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !values.iter().any(|v: &String| v == "new-4") {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no new record 30 s after the cut: {values:?}");
+        for r in consumer.poll(Duration::from_millis(200)).await? {
+            values.push(String::from_utf8_lossy(&r.value).to_string());
+        }
+    }
+    let new: Vec<&String> = values.iter().filter(|v| v.starts_with("new-")).collect();
+    assert_eq!(new, ["new-0", "new-1", "new-2", "new-3", "new-4"], "the records after the cut, in order, once");
+    let old_seen = values.iter().filter(|v| v.starts_with("old-")).count();
+    assert!(old_seen < 99, "the member skipped the removed records ({old_seen} old ones delivered)");
+    consumer.close().await?;
+    c.shutdown().await;
+    Ok(())
+}

@@ -631,8 +631,11 @@ async fn fetch_loop(
             Err(e) if e.code() == Some(codes::OFFSET_OUT_OF_RANGE) => {
                 // Below the start: retention removed those records, and the oldest left is where
                 // the group can go on. Above the end: that node lags; another one will do.
-                if let Ok(offsets) = read.client.list_offsets(&tp.topic).await {
-                    if let Some(p) = offsets.iter().find(|p| p.partition == tp.partition) {
+                // The start offset as any node has applied it (`DescribeTopic`, no leader needed):
+                // a retention cut only takes effect once committed, and a node that has not
+                // applied it yet only makes this loop try again.
+                if let Ok(desc) = read.client.describe_topic(&tp.topic).await {
+                    if let Some(p) = desc.partitions.iter().find(|p| p.partition == tp.partition) {
                         if offset < p.start_offset {
                             tracing::warn!(partition = %tp, from = offset, to = p.start_offset,
                                 "records were removed by retention before the group consumed them; skipping ahead");
