@@ -65,7 +65,11 @@ impl BatchRef {
 struct OpenFile {
     file: Arc<File>,
     generation: Option<u64>,
+    /// Bytes handed out to appends: the next append goes here.
     len: u64,
+    /// Bytes whose writes have completed, in order from the start: what a sync may claim. Behind
+    /// `len` only while an append writes (outside the lock).
+    written: u64,
     /// References to batches in it, as the store counts them.
     live: u64,
 }
@@ -109,7 +113,7 @@ impl BatchFiles {
             let path = entry.path();
             let file = File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
             let len = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?.len();
-            st.files.insert(seq, OpenFile { file: Arc::new(file), generation: None, len, live: 0 });
+            st.files.insert(seq, OpenFile { file: Arc::new(file), generation: None, len, written: len, live: 0 });
             // After a process crash its tail may still be in the page cache only: the next sync
             // covers it before any sync mark does.
             st.dirty.insert(seq);
@@ -134,12 +138,34 @@ impl BatchFiles {
     /// the reference the caller is about to store at once, so the file cannot be unlinked between
     /// the write and the commit of that reference (if the commit fails, the count stays one too
     /// high until the next open: the file lives a little longer, nothing is lost).
+    ///
+    /// The write runs outside the lock, so readers (which take it to find a file) never wait for
+    /// it. The store appends from one thread at a time (apply, import and open all hold its apply
+    /// lock), so a file's appends complete in the order their positions were handed out.
     fn append(&self, generation: u64, value: &[u8]) -> Result<(u64, u64), StoreError> {
+        let (seq, pos, file) = self.reserve(generation, value.len() as u64)?;
+        let wrote = file.write_all_at(value, pos);
         let mut st = self.state.lock().map_err(lock_err)?;
-        let active =
-            st.active.get(&generation).copied().filter(|seq| {
-                st.files.get(seq).is_some_and(|f| f.len == 0 || f.len + value.len() as u64 <= FILE_BYTES)
-            });
+        if let Some(f) = st.files.get_mut(&seq) {
+            // Only a contiguous completion moves the mark: a sync never claims a byte not written.
+            if wrote.is_ok() && f.written == pos {
+                f.written = pos + value.len() as u64;
+            }
+        }
+        st.dirty.insert(seq);
+        wrote.map_err(|e| StoreError::io(format!("write {}", self.path(seq).display()), e))?;
+        Ok((seq, pos))
+    }
+
+    /// Hands out `n` bytes at the end of `generation`'s active file (starting a new file when it is
+    /// full) and counts the reference that will name them.
+    fn reserve(&self, generation: u64, n: u64) -> Result<(u64, u64, Arc<File>), StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        let active = st
+            .active
+            .get(&generation)
+            .copied()
+            .filter(|seq| st.files.get(seq).is_some_and(|f| f.len == 0 || f.len + n <= FILE_BYTES));
         let seq = match active {
             Some(seq) => seq,
             None => {
@@ -152,7 +178,10 @@ impl BatchFiles {
                     .open(&path)
                     .map_err(|e| StoreError::io(format!("create {}", path.display()), e))?;
                 st.next_seq += 1;
-                st.files.insert(seq, OpenFile { file: Arc::new(file), generation: Some(generation), len: 0, live: 0 });
+                st.files.insert(
+                    seq,
+                    OpenFile { file: Arc::new(file), generation: Some(generation), len: 0, written: 0, live: 0 },
+                );
                 st.dir_dirty = true;
                 if let Some(previous) = st.active.insert(generation, seq) {
                     // Closed for appends: if nothing in it is referenced any more, it goes now.
@@ -163,13 +192,9 @@ impl BatchFiles {
         };
         let f = st.files.get_mut(&seq).ok_or_else(|| StoreError::corrupt("batch files", "active file vanished"))?;
         let pos = f.len;
-        f.file
-            .write_all_at(value, pos)
-            .map_err(|e| StoreError::io(format!("write {}", self.path(seq).display()), e))?;
-        f.len += value.len() as u64;
+        f.len += n;
         f.live += 1;
-        st.dirty.insert(seq);
-        Ok((seq, pos))
+        Ok((seq, pos, f.file.clone()))
     }
 
     /// Appends a stored batch value (see [`crate::batch`]) for `generation` and returns the
@@ -320,7 +345,9 @@ impl BatchFiles {
             let dirty = std::mem::take(&mut st.dirty);
             let files: Vec<(u64, Arc<File>)> =
                 dirty.iter().filter_map(|seq| st.files.get(seq).map(|f| (*seq, f.file.clone()))).collect();
-            let lengths = st.files.iter().map(|(seq, f)| (*seq, f.len)).collect();
+            // What has been written, not what was handed out: an append writing right now is
+            // not covered by this sync.
+            let lengths = st.files.iter().map(|(seq, f)| (*seq, f.written)).collect();
             (files, std::mem::take(&mut st.dir_dirty), lengths)
         };
         let synced = files
@@ -345,5 +372,39 @@ impl BatchFiles {
     /// Number of batch files.
     pub fn count(&self) -> Result<usize, StoreError> {
         Ok(self.state.lock().map_err(lock_err)?.files.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Space handed out to an append that has not written yet is not claimed by a sync: after a
+    /// power loss, a reference into it must be checked at open, not trusted.
+    #[test]
+    fn a_sync_claims_only_what_appends_have_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = BatchFiles::open(dir.path()).unwrap();
+        let (seq, pos) = files.append(0, &[7u8; 100]).unwrap();
+        assert_eq!((seq, pos), (0, 0));
+        assert_eq!(files.sync().unwrap().get(&seq), Some(&100));
+        // An append between its reservation and its write, as another thread's sync sees it.
+        let (seq2, pos2, file) = files.reserve(0, 50).unwrap();
+        assert_eq!((seq2, pos2), (seq, 100));
+        assert_eq!(files.sync().unwrap().get(&seq), Some(&100), "claimed bytes not yet written");
+        file.write_all_at(&[8u8; 50], pos2).unwrap();
+        // (What `append` does after its write.)
+        {
+            let mut st = files.state.lock().unwrap();
+            let f = st.files.get_mut(&seq).unwrap();
+            assert_eq!(f.written, pos2);
+            f.written = pos2 + 50;
+            st.dirty.insert(seq);
+        }
+        assert_eq!(files.sync().unwrap().get(&seq), Some(&150));
+        // The next append goes after the reserved space.
+        assert_eq!(files.append(0, &[9u8; 10]).unwrap(), (seq, 150));
+        assert_eq!(files.sync().unwrap().get(&seq), Some(&160));
     }
 }
