@@ -329,6 +329,65 @@ async fn t41_an_empty_disk_under_a_members_id_refuses_to_start_until_the_id_is_r
     Ok(())
 }
 
+/// A node that answers for itself like a build from before apply versions (max_apply_version 0).
+struct OldBuild;
+
+#[tonic::async_trait]
+impl busbar_proto::v1::cluster_server::Cluster for OldBuild {
+    async fn local_status(
+        &self,
+        _: tonic::Request<busbar_proto::v1::LocalStatusRequest>,
+    ) -> Result<tonic::Response<busbar_proto::v1::NodeStatus>, tonic::Status> {
+        Ok(tonic::Response::new(busbar_proto::v1::NodeStatus { id: 9, ..Default::default() }))
+    }
+    async fn status(
+        &self,
+        _: tonic::Request<busbar_proto::v1::ClusterStatusRequest>,
+    ) -> Result<tonic::Response<busbar_proto::v1::ClusterStatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("old build"))
+    }
+    async fn add_node(
+        &self,
+        _: tonic::Request<busbar_proto::v1::AddNodeRequest>,
+    ) -> Result<tonic::Response<busbar_proto::v1::AddNodeResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("old build"))
+    }
+    async fn remove_node(
+        &self,
+        _: tonic::Request<busbar_proto::v1::RemoveNodeRequest>,
+    ) -> Result<tonic::Response<busbar_proto::v1::RemoveNodeResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("old build"))
+    }
+}
+
+/// A node whose build cannot apply what the cluster's can is refused before it becomes a learner
+/// (it would take a newer snapshot or entries with older rules and diverge), and so is one that
+/// cannot be asked; the membership does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t42_a_node_on_an_older_build_or_unreachable_is_not_added() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    let client = c.client().await?;
+    let old = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let old_addr = old.local_addr()?.to_string();
+    let stub = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(busbar_proto::v1::cluster_server::ClusterServer::new(OldBuild))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(old)),
+    );
+    let refused = client.add_node(9, &old_addr).await.err().context("an old build was added")?;
+    assert_eq!(refused.code(), Some(busbar_client::codes::INVALID_REQUEST), "{refused}");
+    assert!(refused.to_string().contains("upgrade it before adding it"), "{refused}");
+    stub.abort();
+    // Nothing listens there now.
+    let unreachable = client.add_node(9, &old_addr).await.err().context("an unreachable node was added")?;
+    assert!(unreachable.to_string().contains("start it before adding it"), "{unreachable}");
+    let leader = c.leader().await?;
+    let m = c.metrics(leader)?;
+    assert!(m.membership_config.membership().get_node(&9).is_none(), "node 9 got into the membership");
+    c.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t50_leader_cut_off_in_a_minority_cannot_commit_and_its_write_never_appears() -> anyhow::Result<()> {
     let mut limits = Limits { write_timeout: Duration::from_secs(2), ..Limits::default() };

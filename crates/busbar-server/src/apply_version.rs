@@ -48,9 +48,17 @@ pub async fn run(node: RaftNode, proposer: Proposer, mut stop: tokio::sync::watc
             .filter(|(id, _)| **id != m.id)
             .map(|(id, n)| (*id, n.addr.clone()))
             .collect();
-        let mut answers = Vec::with_capacity(members.len());
-        for (id, addr) in &members {
-            answers.push((*id, probe(addr, PROBE_TIMEOUT).await));
+        // Concurrently: one round takes one probe timeout at most, however many members.
+        let calls: Vec<_> = members
+            .into_iter()
+            .map(|(id, addr)| tokio::spawn(async move { (id, probe(&addr, PROBE_TIMEOUT).await) }))
+            .collect();
+        let mut answers = Vec::with_capacity(calls.len());
+        for call in calls {
+            match call.await {
+                Ok(answer) => answers.push(answer),
+                Err(e) => answers.push((0, Err(format!("probe task failed: {e}")))),
+            }
         }
         match blocker(APPLY_VERSION, &answers) {
             Some(why) => {

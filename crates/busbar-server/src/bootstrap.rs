@@ -28,7 +28,7 @@ pub enum BootstrapError {
     Fatal(String),
     #[error(
         "node {id} has an empty data directory, but the leader (node {leader} at {leader_addr}) says node {id} \
-         acknowledged log entries up to index {index}: this node's data is gone. A voter that forgot what it \
+         acknowledged log entries up to index {index}: this node's data is gone. A member that forgot what it \
          acknowledged can help elect a leader that lacks acknowledged records, so it will not start. Remove it \
          first (`busbar cluster remove-node {id}`), then start it empty (docs/operations.md, \"Replacing a dead node\")"
     )]
@@ -70,8 +70,16 @@ pub async fn refuse_if_forgotten(node: &RaftNode, contacts: &[String]) -> Result
             })
         })
         .collect();
+    // Several may claim to lead (one cut off from the others still thinks it does): the newest
+    // term speaks for the cluster.
+    let mut newest: Option<pb::NodeStatus> = None;
     for call in calls {
         let Ok(Some(leader)) = call.await else { continue };
+        if newest.as_ref().is_none_or(|n| leader.term > n.term) {
+            newest = Some(leader);
+        }
+    }
+    if let Some(leader) = newest {
         if let Some(index) = leader.acknowledged.get(&node.id).copied() {
             return Err(BootstrapError::Forgotten {
                 id: node.id,
@@ -83,6 +91,7 @@ pub async fn refuse_if_forgotten(node: &RaftNode, contacts: &[String]) -> Result
     }
     Ok(())
 }
+
 /// Joining retries for about ten minutes, then gives up with an error (bounded, not forever).
 const JOIN_ATTEMPTS: u32 = 300;
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(2);

@@ -212,6 +212,33 @@ impl Cluster for ClusterService {
                 return Ok(Response::new(pb::AddNodeResponse {}));
             }
         }
+        // A node whose build cannot apply what this one can must not join: it would decode a
+        // snapshot or entries of a newer apply version with older rules and silently diverge.
+        // Asked of the node itself (it serves before it asks to join), against this build's
+        // highest version, not only the cluster's current one, which the leader may raise next.
+        let newest = busbar_storage::apply_version::APPLY_VERSION;
+        match probe(&req.addr, STATUS_PROBE_TIMEOUT).await {
+            Ok(st) if st.max_apply_version >= newest => {}
+            Ok(st) => {
+                return Err(api(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "node {} at {} runs a build that applies up to version {} (0: before apply versions); \
+                         this cluster's build applies version {newest}: upgrade it before adding it",
+                        req.id, req.addr, st.max_apply_version
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(api(
+                    ErrorCode::MembershipChangeFailed,
+                    format!(
+                        "cannot reach node {} at {} to check its build ({e}); start it before adding it",
+                        req.id, req.addr
+                    ),
+                ))
+            }
+        }
         let raft = &self.node.raft;
         let timeout = self.limits.add_node_timeout;
         // Learner first, blocking until it has caught up, then promotion: the new voter never

@@ -35,7 +35,8 @@ pub(crate) struct SnapshotHeader {
     /// Each producer state's stamp (`producers` module): last, so that a header written before
     /// stamps existed is that header exactly, cut short here.
     pub producer_stamps: Vec<(ProducerKey, u64)>,
-    /// `crate::apply_version`; added with the stamps.
+    /// `crate::apply_version`. Added with the stamps (the one build that wrote stamps without it,
+    /// `dbfee81`, never landed; its headers are refused as cut short).
     pub apply_version: u32,
 }
 
