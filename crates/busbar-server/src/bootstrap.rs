@@ -33,6 +33,37 @@ pub enum BootstrapError {
          first (`busbar cluster remove-node {id}`), then start it empty (docs/operations.md, \"Replacing a dead node\")"
     )]
     Forgotten { id: NodeId, leader: NodeId, leader_addr: String, index: u64 },
+    #[error(
+        "node {id}'s Raft log ends at index {held}, but the leader (node {leader} at {leader_addr}, term {term}) says \
+         node {id} acknowledged log entries up to index {index}: entries it had made durable are gone (a WAL segment \
+         cut or lost within the synced mark's last period). A member that forgot what it acknowledged can help elect \
+         a leader that lacks acknowledged records, so it will not start. Replace it: `busbar cluster remove-node \
+         {id}`, empty its data directory, start it (docs/operations.md, \"Replacing a dead node\")"
+    )]
+    LostAcknowledged { id: NodeId, held: u64, leader: NodeId, leader_addr: String, term: u64, index: u64 },
+}
+
+/// What a node holds of the log when it starts, against what a leader says it acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// The highest index it holds (log end, purge point or applied index); `None`: pristine.
+    end: Option<u64>,
+    /// The term of its stored vote.
+    term: u64,
+}
+
+/// The index `leader` says this node acknowledged, if that is more than the node holds now.
+///
+/// A pristine node holds nothing, so any acknowledgement means its data is gone. Otherwise only a
+/// leader of this node's term or a later one is believed: a newer leader may legitimately have cut
+/// entries this node acknowledged to an older one (never committed), and this node would have seen
+/// that newer term before it could be cut. A node with no term yet is not judged.
+fn lost_acknowledged(id: NodeId, held: Held, leader: &pb::NodeStatus) -> Option<u64> {
+    let acked = *leader.acknowledged.get(&id)?;
+    match held.end {
+        None => Some(acked),
+        Some(end) => (held.term > 0 && leader.term >= held.term && acked > end).then_some(acked),
+    }
 }
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -42,16 +73,22 @@ const FORGOTTEN_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// A cluster-status call probes every member (1 s each at most, concurrently): room for that.
 const FORGOTTEN_STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Refuses to go on if this node is pristine (no Raft state on disk) and a leader reachable through
-/// `contacts` lists it among the members that acknowledged entries. Best effort: with no leader
-/// reachable (a cluster forming, or partitioned from us) there is nothing to ask, and a leader
-/// elected after this node's data was lost no longer remembers its acknowledgements. Bounded: one
-/// round of concurrent status calls to the contacts, and for a contact that is not the leader but
-/// knows one, one cluster-status call through it.
+/// Refuses to go on if a leader reachable through `contacts` says this node acknowledged more of
+/// the log than it holds now: a pristine node (no Raft state on disk, an empty data directory under
+/// a member's id) that the leader lists at all, or a node whose log ends below what it acknowledged
+/// (a WAL cut within the synced mark's last period, which recovery cannot tell from a torn tail).
+/// Best effort: with no leader reachable (a cluster forming, or partitioned from us) there is
+/// nothing to ask, and a leader elected after this node's data was lost no longer remembers its
+/// acknowledgements. Bounded: one round of concurrent status calls to the contacts, and for a
+/// contact that is not the leader but knows one, one cluster-status call through it.
 pub async fn refuse_if_forgotten(node: &RaftNode, contacts: &[String]) -> Result<(), BootstrapError> {
-    if node.raft.is_initialized().await.map_err(|e| BootstrapError::Fatal(e.to_string()))? {
-        return Ok(());
-    }
+    let held = if node.raft.is_initialized().await.map_err(|e| BootstrapError::Fatal(e.to_string()))? {
+        let log_end = node.wal.last_index().or(node.wal.purged().map(|(i, _)| i)).unwrap_or(0);
+        let term = node.raft.metrics().borrow().vote.leader_id().term;
+        Held { end: Some(log_end.max(*node.applied.borrow())), term }
+    } else {
+        Held { end: None, term: 0 }
+    };
     let calls: Vec<_> = contacts
         .iter()
         .map(|addr| {
@@ -79,17 +116,19 @@ pub async fn refuse_if_forgotten(node: &RaftNode, contacts: &[String]) -> Result
             newest = Some(leader);
         }
     }
-    if let Some(leader) = newest {
-        if let Some(index) = leader.acknowledged.get(&node.id).copied() {
-            return Err(BootstrapError::Forgotten {
-                id: node.id,
-                leader: leader.id,
-                leader_addr: leader.addr.clone(),
-                index,
-            });
-        }
-    }
-    Ok(())
+    let Some(leader) = newest else { return Ok(()) };
+    let Some(index) = lost_acknowledged(node.id, held, &leader) else { return Ok(()) };
+    Err(match held.end {
+        None => BootstrapError::Forgotten { id: node.id, leader: leader.id, leader_addr: leader.addr, index },
+        Some(end) => BootstrapError::LostAcknowledged {
+            id: node.id,
+            held: end,
+            leader: leader.id,
+            leader_addr: leader.addr,
+            term: leader.term,
+            index,
+        },
+    })
 }
 
 /// Joining retries for about ten minutes, then gives up with an error (bounded, not forever).
@@ -162,5 +201,28 @@ async fn add_self(target: &str, id: NodeId, advertise: &str) -> Result<(), (Stri
             let leader = st.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()).map(str::to_string);
             Err((st.message().to_string(), leader))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leader(term: u64, acked: &[(NodeId, u64)]) -> pb::NodeStatus {
+        pb::NodeStatus { id: 1, term, acknowledged: acked.iter().copied().collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_node_is_refused_only_for_acknowledgements_it_no_longer_holds() {
+        let pristine = Held { end: None, term: 0 };
+        assert_eq!(lost_acknowledged(3, pristine, &leader(5, &[(3, 0)])), Some(0), "any ack of a pristine node");
+        assert_eq!(lost_acknowledged(3, pristine, &leader(5, &[(2, 40)])), None, "never acknowledged: a new node");
+        let restarted = Held { end: Some(40), term: 5 };
+        assert_eq!(lost_acknowledged(3, restarted, &leader(5, &[(3, 40)])), None, "holds all it acknowledged");
+        assert_eq!(lost_acknowledged(3, restarted, &leader(5, &[(3, 55)])), Some(55), "its log was cut below its acks");
+        assert_eq!(lost_acknowledged(3, restarted, &leader(6, &[(3, 55)])), Some(55));
+        // A leader of an older term than the node has seen may remember acks a newer leader cut.
+        assert_eq!(lost_acknowledged(3, restarted, &leader(4, &[(3, 55)])), None);
+        assert_eq!(lost_acknowledged(3, Held { end: Some(40), term: 0 }, &leader(5, &[(3, 55)])), None);
     }
 }

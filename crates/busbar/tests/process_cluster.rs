@@ -511,6 +511,52 @@ async fn follower_whose_wal_lost_synced_entries_refuses_to_start() -> anyhow::Re
     Ok(())
 }
 
+/// The same cut where the synced mark cannot see it (its file gone, as if the cut fell within its
+/// last 200 ms) and with the state machine's store gone too, so the node holds only the cut log:
+/// the leader still says the node acknowledged entries above its end, and the node refuses to
+/// start (finding 4's residual), instead of starting as a voter that forgot them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_whose_wal_lost_acknowledged_entries_past_its_mark_refuses_to_start() -> anyhow::Result<()> {
+    let mut c = ProcessCluster::new(BIN, ClusterOptions::default())?;
+    c.start_with_peers(3)?;
+    let (leader, _) = c.wait_for_leader(&[1, 2, 3], 1, FORMATION).await?;
+    let client = c.client(&[1, 2, 3]).await?;
+    client.create_topic("t", 1).await?;
+    let producer = Producer::spawn(client.clone(), "t", 0, "w");
+    producer.wait_for_more(300, Duration::from_secs(30)).await?;
+
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).context("no follower")?;
+    c.kill(follower)?;
+    let seg = wal_segments(&c, follower)?.pop().context("no WAL segment")?;
+    let bytes = std::fs::read(&seg)?;
+    let frames =
+        wal_frames(&bytes[..whole_frames_len(&bytes)]).with_context(|| format!("parsing {}", seg.display()))?;
+    ensure!(frames.len() >= 20, "{} holds only {} frames", seg.display(), frames.len());
+    let (cut, _) = frames[frames.len() / 2];
+    std::fs::OpenOptions::new().write(true).open(&seg)?.set_len(cut as u64)?;
+    let data = c.data_dir(follower)?;
+    std::fs::remove_file(data.join("raft-log").join("synced"))?;
+    std::fs::remove_dir_all(data.join("state"))?;
+
+    c.restart(follower)?;
+    let st = c
+        .wait_exit(follower, Duration::from_secs(15))
+        .await
+        .context("a node that lost acknowledged entries kept running")?;
+    ensure!(!st.success(), "exited with {st}");
+    let log = c.log(follower)?;
+    ensure!(
+        log.contains("acknowledged log entries up to index")
+            && log.contains(&format!("cluster remove-node {follower}")),
+        "the refusal does not say what was lost and what to do:\n{}",
+        tail(&log, 20)
+    );
+    producer.wait_for_more(100, Duration::from_secs(30)).await.context("the other two stopped committing")?;
+    producer.stop().await?;
+    c.finish();
+    Ok(())
+}
+
 /// How many bytes from the start of a segment are whole frames (what follows is a torn append).
 fn whole_frames_len(bytes: &[u8]) -> usize {
     let mut off = 0;
