@@ -34,6 +34,9 @@ use crate::leader::LeaderCache;
 /// Fetched batches waiting for the application, over all partitions of one consumer. With
 /// `max_poll_records` records per batch at most, this bounds what a consumer holds in memory.
 const QUEUED_BATCHES: usize = 16;
+/// How long a fetch task that fell below a partition's start asks the leader for the new start
+/// before it asks any node (see `fetch_loop`).
+const LEADER_START_WAIT: Duration = Duration::from_secs(2);
 /// Events waiting for the application to read them (see [`GroupConsumer::events`]).
 const QUEUED_EVENTS: usize = 64;
 /// Commands from the application (commit, close) waiting for the background task.
@@ -631,11 +634,19 @@ async fn fetch_loop(
             Err(e) if e.code() == Some(codes::OFFSET_OUT_OF_RANGE) => {
                 // Below the start: retention removed those records, and the oldest left is where
                 // the group can go on. Above the end: that node lags; another one will do.
-                // The start offset as any node has applied it (`DescribeTopic`, no leader needed):
-                // a retention cut only takes effect once committed, and a node that has not
-                // applied it yet only makes this loop try again.
-                if let Ok(desc) = read.client.describe_topic(&tp.topic).await {
-                    if let Some(p) = desc.partitions.iter().find(|p| p.partition == tp.partition) {
+                // The start offset from the leader (`ListOffsets`); without one, as some node has
+                // applied it (`DescribeTopic`): a retention cut takes effect only once committed,
+                // and a node that has not applied it yet only makes this loop try again. (A node
+                // still holding a deleted topic of the same name could answer for it: the leader
+                // is asked first.)
+                // The leader is given `LEADER_START_WAIT`, not the client's full retry budget (about
+                // 17 s without a leader), during which this partition would deliver nothing.
+                let starts = match tokio::time::timeout(LEADER_START_WAIT, read.client.list_offsets(&tp.topic)).await {
+                    Ok(Ok(offsets)) => Some(offsets),
+                    _ => read.client.describe_topic(&tp.topic).await.ok().map(|d| d.partitions),
+                };
+                if let Some(offsets) = starts {
+                    if let Some(p) = offsets.iter().find(|p| p.partition == tp.partition) {
                         if offset < p.start_offset {
                             tracing::warn!(partition = %tp, from = offset, to = p.start_offset,
                                 "records were removed by retention before the group consumed them; skipping ahead");

@@ -72,6 +72,13 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 const FORGOTTEN_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// A cluster-status call probes every member (1 s each at most, concurrently): room for that.
 const FORGOTTEN_STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+/// The whole check, for a node with Raft state. It runs before the node serves, while openraft's
+/// election timer runs: a restarted voter hears no heartbeat meanwhile and, after its leader lease
+/// and an election timeout (3 s at least with the defaults), would start a needless election. What
+/// has not answered by then is not waited for (the check is best effort).
+const RESTART_CHECK_BUDGET: Duration = Duration::from_secs(1);
+/// The whole check for a pristine node (no election timer matters: it is in no membership yet).
+const PRISTINE_CHECK_BUDGET: Duration = Duration::from_secs(4);
 
 /// Refuses to go on if a leader reachable through `contacts` says this node acknowledged more of
 /// the log than it holds now: a pristine node (no Raft state on disk, an empty data directory under
@@ -109,9 +116,18 @@ pub async fn refuse_if_forgotten(node: &RaftNode, contacts: &[String]) -> Result
         .collect();
     // Several may claim to lead (one cut off from the others still thinks it does): the newest
     // term speaks for the cluster.
+    let budget = if held.end.is_some() { RESTART_CHECK_BUDGET } else { PRISTINE_CHECK_BUDGET };
+    let deadline = tokio::time::Instant::now() + budget;
     let mut newest: Option<pb::NodeStatus> = None;
-    for call in calls {
-        let Ok(Some(leader)) = call.await else { continue };
+    for mut call in calls {
+        let leader = match tokio::time::timeout_at(deadline, &mut call).await {
+            Ok(Ok(Some(leader))) => leader,
+            Ok(_) => continue,
+            Err(_) => {
+                call.abort();
+                continue;
+            }
+        };
         if newest.as_ref().is_none_or(|n| leader.term > n.term) {
             newest = Some(leader);
         }

@@ -148,6 +148,8 @@ impl BatchFiles {
         let mut st = self.state.lock().map_err(lock_err)?;
         if let Some(f) = st.files.get_mut(&seq) {
             // Only a contiguous completion moves the mark: a sync never claims a byte not written.
+            // (One appender at a time keeps completions contiguous; see above.)
+            debug_assert_eq!(f.written, pos, "batch-file appends overlapped");
             if wrote.is_ok() && f.written == pos {
                 f.written = pos + value.len() as u64;
             }
@@ -334,8 +336,9 @@ impl BatchFiles {
         Ok(())
     }
 
-    /// Makes every byte appended so far durable (fdatasync of each file written since the last
-    /// sync, fsync of the directory if files came or went). Returns each file's length as synced.
+    /// Makes every byte whose append has completed durable (fdatasync of each file written since the
+    /// last sync, fsync of the directory if files came or went). Returns each file's length as
+    /// synced: up to its last completed append, not an append still writing.
     pub fn sync(&self) -> Result<BTreeMap<u64, u64>, StoreError> {
         let (files, dir_dirty, lengths) = {
             let mut st = self.state.lock().map_err(lock_err)?;
