@@ -482,27 +482,8 @@ async fn assert_refuses_to_start(c: &mut ProcessCluster, id: u64, seg: &Path, wh
 /// go on committing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_whose_wal_lost_synced_entries_refuses_to_start() -> anyhow::Result<()> {
-    let mut c = ProcessCluster::new(BIN, ClusterOptions::default())?;
-    c.start_with_peers(3)?;
-    let (leader, _) = c.wait_for_leader(&[1, 2, 3], 1, FORMATION).await?;
-    let client = c.client(&[1, 2, 3]).await?;
-    client.create_topic("t", 1).await?;
-    let producer = Producer::spawn(client.clone(), "t", 0, "w");
-    producer.wait_for_more(300, Duration::from_secs(30)).await?;
-
-    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).context("no follower")?;
     // The mark trails the log by at most 200 ms: give it several periods to cover the first half.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    c.kill(follower)?;
-    let seg = wal_segments(&c, follower)?.pop().context("no WAL segment")?;
-    let bytes = std::fs::read(&seg)?;
-    // A kill can leave a torn frame at the very end: cut among the whole frames before it.
-    let frames =
-        wal_frames(&bytes[..whole_frames_len(&bytes)]).with_context(|| format!("parsing {}", seg.display()))?;
-    ensure!(frames.len() >= 20, "{} holds only {} frames", seg.display(), frames.len());
-    let (cut, _) = frames[frames.len() / 2];
-    std::fs::OpenOptions::new().write(true).open(&seg)?.set_len(cut as u64)?;
-
+    let (mut c, producer, follower, seg) = follower_wal_cut_in_half(Duration::from_secs(1)).await?;
     c.restart(follower)?;
     assert_refuses_to_start(&mut c, follower, &seg, "synced mark").await?;
     producer.wait_for_more(100, Duration::from_secs(30)).await.context("the other two stopped committing")?;
@@ -517,23 +498,7 @@ async fn follower_whose_wal_lost_synced_entries_refuses_to_start() -> anyhow::Re
 /// start (finding 4's residual), instead of starting as a voter that forgot them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_whose_wal_lost_acknowledged_entries_past_its_mark_refuses_to_start() -> anyhow::Result<()> {
-    let mut c = ProcessCluster::new(BIN, ClusterOptions::default())?;
-    c.start_with_peers(3)?;
-    let (leader, _) = c.wait_for_leader(&[1, 2, 3], 1, FORMATION).await?;
-    let client = c.client(&[1, 2, 3]).await?;
-    client.create_topic("t", 1).await?;
-    let producer = Producer::spawn(client.clone(), "t", 0, "w");
-    producer.wait_for_more(300, Duration::from_secs(30)).await?;
-
-    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).context("no follower")?;
-    c.kill(follower)?;
-    let seg = wal_segments(&c, follower)?.pop().context("no WAL segment")?;
-    let bytes = std::fs::read(&seg)?;
-    let frames =
-        wal_frames(&bytes[..whole_frames_len(&bytes)]).with_context(|| format!("parsing {}", seg.display()))?;
-    ensure!(frames.len() >= 20, "{} holds only {} frames", seg.display(), frames.len());
-    let (cut, _) = frames[frames.len() / 2];
-    std::fs::OpenOptions::new().write(true).open(&seg)?.set_len(cut as u64)?;
+    let (mut c, producer, follower, _) = follower_wal_cut_in_half(Duration::ZERO).await?;
     let data = c.data_dir(follower)?;
     std::fs::remove_file(data.join("raft-log").join("synced"))?;
     std::fs::remove_dir_all(data.join("state"))?;
@@ -555,6 +520,31 @@ async fn follower_whose_wal_lost_acknowledged_entries_past_its_mark_refuses_to_s
     producer.stop().await?;
     c.finish();
     Ok(())
+}
+
+/// A 3-node cluster under writes (the producer keeps going) whose follower, `settle` after 300
+/// records, is killed and has its last WAL segment cut halfway at a frame boundary. Returns the
+/// cluster, the producer, the follower and the segment.
+async fn follower_wal_cut_in_half(settle: Duration) -> anyhow::Result<(ProcessCluster, Producer, u64, PathBuf)> {
+    let mut c = ProcessCluster::new(BIN, ClusterOptions::default())?;
+    c.start_with_peers(3)?;
+    let (leader, _) = c.wait_for_leader(&[1, 2, 3], 1, FORMATION).await?;
+    let client = c.client(&[1, 2, 3]).await?;
+    client.create_topic("t", 1).await?;
+    let producer = Producer::spawn(client.clone(), "t", 0, "w");
+    producer.wait_for_more(300, Duration::from_secs(30)).await?;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).context("no follower")?;
+    tokio::time::sleep(settle).await;
+    c.kill(follower)?;
+    let seg = wal_segments(&c, follower)?.pop().context("no WAL segment")?;
+    let bytes = std::fs::read(&seg)?;
+    // A kill can leave a torn frame at the very end: cut among the whole frames before it.
+    let frames =
+        wal_frames(&bytes[..whole_frames_len(&bytes)]).with_context(|| format!("parsing {}", seg.display()))?;
+    ensure!(frames.len() >= 20, "{} holds only {} frames", seg.display(), frames.len());
+    let (cut, _) = frames[frames.len() / 2];
+    std::fs::OpenOptions::new().write(true).open(&seg)?.set_len(cut as u64)?;
+    Ok((c, producer, follower, seg))
 }
 
 /// How many bytes from the start of a segment are whole frames (what follows is a torn append).
