@@ -68,6 +68,28 @@ pub enum NodeError {
     Fatal(#[from] openraft::error::Fatal<NodeId>),
     #[error("starting the apply watchdog thread: {0}")]
     Watchdog(std::io::Error),
+    #[error("raft log: {0}")]
+    Codec(#[from] crate::codec::CodecError),
+}
+
+/// A node that was leader when it stopped starts as a follower of its own term: its stored vote,
+/// committed for itself, is stored again uncommitted. openraft 0.9 would otherwise resume leading at
+/// once (`Engine::startup`) with whatever log it holds now; if that log lost entries the others hold
+/// (a WAL cut within the synced mark's last period), its new entries would reuse their indexes in
+/// the same term and the logs would diverge. As a follower it must win an election in a new term,
+/// which a log missing committed entries cannot. The cost is that election on a leader's restart,
+/// which the operations guide already counts ("Restarting the leader costs an election").
+fn step_down_stored_leadership(wal: &Wal, id: NodeId) -> Result<(), NodeError> {
+    let Some(bytes) = wal.vote() else { return Ok(()) };
+    let vote: crate::types::Vote = crate::codec::decode("vote", &bytes)?;
+    if !vote.is_committed() || vote.leader_id().voted_for() != Some(id) {
+        return Ok(());
+    }
+    let term = vote.leader_id().get_term();
+    let follower = crate::types::Vote::new(term, id);
+    wal.save_vote(bytes::Bytes::from(crate::codec::encode("vote", &follower)?))?;
+    tracing::info!(term, "was leader when it stopped: starts as a follower of that term, an election decides");
+    Ok(())
 }
 
 /// A node's replication state, open and running.
@@ -96,6 +118,7 @@ impl RaftNode {
             &data_dir.join("raft-log"),
             WalOptions { segment_bytes: cfg.wal_segment_bytes, ..WalOptions::default() },
         )?;
+        step_down_stored_leadership(&wal, id)?;
         let snapshots = SnapshotDir::open(&data_dir.join("snapshots"))?;
         let watchdog =
             ApplyWatchdog::start(APPLY_STALL_LIMIT, ApplyWatchdog::abort_process()).map_err(NodeError::Watchdog)?;
@@ -156,6 +179,34 @@ impl RaftNode {
             Ok((Ok(()), Ok(()))) => {}
             Ok((a, b)) => tracing::warn!(store = ?a.err(), wal = ?b.err(), "flush at shutdown failed"),
             Err(e) => tracing::warn!(error = %e, "flush at shutdown panicked"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::types::Vote;
+
+    fn stored(wal: &Wal) -> Vote {
+        crate::codec::decode("vote", &wal.vote().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn only_a_committed_vote_for_this_node_is_stepped_down_and_in_its_own_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+        step_down_stored_leadership(&wal, 1).unwrap();
+        assert!(wal.vote().is_none(), "no vote: nothing to do");
+        for (vote, want) in [
+            (Vote::new_committed(7, 1), Vote::new(7, 1)),
+            (Vote::new_committed(7, 2), Vote::new_committed(7, 2)),
+            (Vote::new(8, 1), Vote::new(8, 1)),
+        ] {
+            wal.save_vote(bytes::Bytes::from(crate::codec::encode("vote", &vote).unwrap())).unwrap();
+            step_down_stored_leadership(&wal, 1).unwrap();
+            assert_eq!(stored(&wal), want, "from {vote:?}");
         }
     }
 }
