@@ -119,30 +119,31 @@ where
     }
 }
 
-/// Asks one node for its own status, bounded by `timeout`.
-/// Asks the node at `addr` for the status of every member, as it sees them.
-pub async fn cluster_status(addr: &str, timeout: Duration) -> Result<pb::ClusterStatusResponse, String> {
+/// One call of the Cluster service on the node at `addr`, bounded by `timeout` (sent as the
+/// request's deadline too); any failure as a message.
+async fn ask<Req, Resp, F, Fut>(addr: &str, timeout: Duration, req: Req, call: F) -> Result<Resp, String>
+where
+    F: FnOnce(ClusterClient<tonic::transport::Channel>, Request<Req>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+{
     let ch = busbar_raft::network::channel(addr).map_err(|e| e.to_string())?;
-    let mut client = ClusterClient::new(ch);
-    let mut req = Request::new(pb::ClusterStatusRequest {});
+    let mut req = Request::new(req);
     req.set_timeout(timeout);
-    match tokio::time::timeout(timeout, client.status(req)).await {
+    match tokio::time::timeout(timeout, call(ClusterClient::new(ch), req)).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(st)) => Err(st.message().to_string()),
         Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 
+/// Asks the node at `addr` for the status of every member, as it sees them.
+pub async fn cluster_status(addr: &str, timeout: Duration) -> Result<pb::ClusterStatusResponse, String> {
+    ask(addr, timeout, pb::ClusterStatusRequest {}, |mut c, r| async move { c.status(r).await }).await
+}
+
+/// Asks one node for its own status, bounded by `timeout`.
 pub async fn probe(addr: &str, timeout: Duration) -> Result<pb::NodeStatus, String> {
-    let ch = busbar_raft::network::channel(addr).map_err(|e| e.to_string())?;
-    let mut client = ClusterClient::new(ch);
-    let mut req = Request::new(pb::LocalStatusRequest {});
-    req.set_timeout(timeout);
-    match tokio::time::timeout(timeout, client.local_status(req)).await {
-        Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(st)) => Err(st.message().to_string()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
-    }
+    ask(addr, timeout, pb::LocalStatusRequest {}, |mut c, r| async move { c.local_status(r).await }).await
 }
 
 #[tonic::async_trait]
