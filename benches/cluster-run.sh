@@ -7,6 +7,10 @@
 #   DATA=/dev/shm/bb bash benches/cluster-run.sh target/release/busbar per-request 256   # on tmpfs
 #   SIZE=1024 PARTITIONS=32 bash benches/cluster-run.sh target/release/busbar batched 4096
 #   EXTRA="--linger-ms 0" adds busbar-load flags; DURATION (default 8) sets the measured seconds.
+#   PROFILE=/tmp/kib SIZE=1024 bash benches/cluster-run.sh target/release/busbar batched 4096
+#     also records a CPU profile of the three servers, `perf record -e cpu-clock -g` (software clock:
+#     this VM kind has no hardware counters) for 5 s from 4 s in, into /tmp/kib.data (read it with
+#     `perf report -i /tmp/kib.data --no-children --sort sym`); the run lasts 10 s unless DURATION says.
 #
 # Used for the proposer, entry-cache and allocator experiments in docs/benchmarks.md.
 set -euo pipefail
@@ -25,8 +29,20 @@ for i in 1 2 3; do
   pids+=($!)
 done
 sleep 4
+profile=${PROFILE:-}
+duration=${DURATION:-8}
+if [ -n "$profile" ]; then
+  command -v perf >/dev/null || { echo "PROFILE needs perf (Debian: linux-perf)" >&2; exit 1; }
+  duration=${DURATION:-10}
+fi
 "$load" --system busbar --brokers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 \
-  --pids "$(IFS=,; echo "${pids[*]}")" --duration "${DURATION:-8}" --warmup 1 --mode throughput --api "$api" \
-  --record-size "${SIZE:-100}" --partitions "${PARTITIONS:-8}" --producers 2 --consumers 1 \
-  --in-flight "$inflight" ${EXTRA:-} |
-  grep -E "${GREP:-^acked|server cpu}"
+  --pids "$(IFS=,; echo "${pids[*]}")" --duration "$duration" --warmup 1 --mode throughput \
+  --api "$api" --record-size "${SIZE:-100}" --partitions "${PARTITIONS:-8}" --producers 2 --consumers 1 \
+  --in-flight "$inflight" ${EXTRA:-} >"$data/load.out" 2>&1 &
+loadgen=$!
+if [ -n "$profile" ]; then
+  sleep 4
+  perf record -e cpu-clock -F 499 -g -p "$(IFS=,; echo "${pids[*]}")" -o "$profile.data" -- sleep 5 >/dev/null 2>&1
+fi
+wait "$loadgen" || { cat "$data/load.out" >&2; exit 1; }
+grep -E "${GREP:-^acked|server cpu}" "$data/load.out"
