@@ -12,6 +12,11 @@
 //! [`FILE_BYTES`], then starts the next. A file whose batches are all deleted is unlinked. After a
 //! restart nothing is appended to an existing file: a torn tail stays dead space.
 //!
+//! Files interleave the batches of every partition, so one batch still retained keeps its whole file.
+//! Each file therefore counts the bytes its references name ([`BatchFiles::sparse_files`]), and the
+//! store's compaction copies the live batches of mostly dead files into a file of their own
+//! ([`Lane::Compaction`]) so that the old ones can go (`TopicStore::compact`).
+//!
 //! Durability: nothing is synced on append (the Raft log holds every entry above the last snapshot).
 //! [`BatchFiles::sync`] fdatasyncs every file written since the last sync and fsyncs the directory;
 //! the store calls it before sled's flush, and records how far each file was synced, so that at open
@@ -28,8 +33,18 @@ use serde::{Deserialize, Serialize};
 use crate::{batch, checked, durable, StoreError};
 
 /// A file is closed for appends once it holds this many bytes (a batch larger than the rest of the
-/// file still goes in whole).
+/// file still goes in whole). The default of `TopicStoreOptions::batch_file_bytes`.
 pub const FILE_BYTES: u64 = 64 << 20;
+
+/// Who appends: each lane of a generation has its own active file, so that a file has one appender
+/// at a time (its appends then complete in the order their positions were handed out, which
+/// `written` relies on). Apply (and import and open) append under the store's apply lock;
+/// compaction appends under its own lock, copying old batches, without holding apply up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Lane {
+    Apply,
+    Compaction,
+}
 
 const SUFFIX: &str = ".batches";
 
@@ -72,13 +87,15 @@ struct OpenFile {
     written: u64,
     /// References to batches in it, as the store counts them.
     live: u64,
+    /// Bytes those references name; the rest of `len` is dead (deleted batches, a torn tail).
+    live_bytes: u64,
 }
 
 #[derive(Default)]
 struct State {
     files: BTreeMap<u64, OpenFile>,
-    /// Per generation, the file it appends to.
-    active: BTreeMap<u64, u64>,
+    /// Per generation and lane, the file it appends to.
+    active: BTreeMap<(u64, Lane), u64>,
     next_seq: u64,
     /// Written since the last sync.
     dirty: BTreeSet<u64>,
@@ -91,7 +108,17 @@ struct State {
 
 pub struct BatchFiles {
     dir: PathBuf,
+    /// When a file is closed for appends ([`FILE_BYTES`] unless a test wants small files).
+    file_bytes: u64,
     state: Mutex<State>,
+}
+
+/// A file closed for appends, with how much of it is still referenced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileUse {
+    pub seq: u64,
+    pub len: u64,
+    pub live_bytes: u64,
 }
 
 fn lock_err<T>(_: T) -> StoreError {
@@ -99,8 +126,9 @@ fn lock_err<T>(_: T) -> StoreError {
 }
 
 impl BatchFiles {
-    /// Opens every batch file in `dir` (created if missing) for reading. Appends go to new files.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens every batch file in `dir` (created if missing) for reading. Appends go to new files,
+    /// each closed once it holds `file_bytes`.
+    pub fn open(dir: &Path, file_bytes: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
         let mut st = State::default();
         let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(format!("list {}", dir.display()), e))?;
@@ -113,7 +141,10 @@ impl BatchFiles {
             let path = entry.path();
             let file = File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
             let len = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?.len();
-            st.files.insert(seq, OpenFile { file: Arc::new(file), generation: None, len, written: len, live: 0 });
+            st.files.insert(
+                seq,
+                OpenFile { file: Arc::new(file), generation: None, len, written: len, live: 0, live_bytes: 0 },
+            );
             // After a process crash its tail may still be in the page cache only: the next sync
             // covers it before any sync mark does.
             st.dirty.insert(seq);
@@ -122,7 +153,7 @@ impl BatchFiles {
         // Nor may the directory entries of files created just before a crash be durable yet:
         // the first sync fsyncs the directory too (the store's own flush skips it).
         st.dir_dirty = !st.files.is_empty();
-        Ok(Self { dir: dir.to_path_buf(), state: Mutex::new(st) })
+        Ok(Self { dir: dir.to_path_buf(), file_bytes: file_bytes.max(1), state: Mutex::new(st) })
     }
 
     /// The directory the files live in.
@@ -140,10 +171,10 @@ impl BatchFiles {
     /// high until the next open: the file lives a little longer, nothing is lost).
     ///
     /// The write runs outside the lock, so readers (which take it to find a file) never wait for
-    /// it. The store appends from one thread at a time (apply, import and open all hold its apply
-    /// lock), so a file's appends complete in the order their positions were handed out.
-    fn append(&self, generation: u64, value: &[u8]) -> Result<(u64, u64), StoreError> {
-        let (seq, pos, file) = self.reserve(generation, value.len() as u64)?;
+    /// it. Each lane appends from one thread at a time (see [`Lane`]), so a file's appends complete
+    /// in the order their positions were handed out.
+    fn append(&self, generation: u64, lane: Lane, value: &[u8]) -> Result<(u64, u64), StoreError> {
+        let (seq, pos, file) = self.reserve(generation, lane, value.len() as u64)?;
         let wrote = file.write_all_at(value, pos);
         let mut st = self.state.lock().map_err(lock_err)?;
         if let Some(f) = st.files.get_mut(&seq) {
@@ -159,15 +190,15 @@ impl BatchFiles {
         Ok((seq, pos))
     }
 
-    /// Hands out `n` bytes at the end of `generation`'s active file (starting a new file when it is
-    /// full) and counts the reference that will name them.
-    fn reserve(&self, generation: u64, n: u64) -> Result<(u64, u64, Arc<File>), StoreError> {
+    /// Hands out `n` bytes at the end of the active file of `generation`'s `lane` (starting a new
+    /// file when it is full) and counts the reference that will name them.
+    fn reserve(&self, generation: u64, lane: Lane, n: u64) -> Result<(u64, u64, Arc<File>), StoreError> {
         let mut st = self.state.lock().map_err(lock_err)?;
         let active = st
             .active
-            .get(&generation)
+            .get(&(generation, lane))
             .copied()
-            .filter(|seq| st.files.get(seq).is_some_and(|f| f.len == 0 || f.len + n <= FILE_BYTES));
+            .filter(|seq| st.files.get(seq).is_some_and(|f| f.len == 0 || f.len + n <= self.file_bytes));
         let seq = match active {
             Some(seq) => seq,
             None => {
@@ -182,10 +213,17 @@ impl BatchFiles {
                 st.next_seq += 1;
                 st.files.insert(
                     seq,
-                    OpenFile { file: Arc::new(file), generation: Some(generation), len: 0, written: 0, live: 0 },
+                    OpenFile {
+                        file: Arc::new(file),
+                        generation: Some(generation),
+                        len: 0,
+                        written: 0,
+                        live: 0,
+                        live_bytes: 0,
+                    },
                 );
                 st.dir_dirty = true;
-                if let Some(previous) = st.active.insert(generation, seq) {
+                if let Some(previous) = st.active.insert((generation, lane), seq) {
                     // Closed for appends: if nothing in it is referenced any more, it goes now.
                     self.unlink_if_dead(&mut st, previous)?;
                 }
@@ -196,16 +234,28 @@ impl BatchFiles {
         let pos = f.len;
         f.len += n;
         f.live += 1;
+        f.live_bytes += n;
         Ok((seq, pos, f.file.clone()))
     }
 
     /// Appends a stored batch value (see [`crate::batch`]) for `generation` and returns the
     /// reference to keep in sled. Its crc is not checked here: the caller made or checked the value.
     pub fn store(&self, generation: u64, what: &dyn Fn() -> String, value: &[u8]) -> Result<BatchRef, StoreError> {
+        self.store_in(Lane::Apply, generation, what, value)
+    }
+
+    /// [`store`](Self::store) through `lane`'s active file.
+    pub fn store_in(
+        &self,
+        lane: Lane,
+        generation: u64,
+        what: &dyn Fn() -> String,
+        value: &[u8],
+    ) -> Result<BatchRef, StoreError> {
         let (max_ts, count) = batch::header(what, value)?;
         let crc = checked::stored_crc(value).unwrap_or(0);
         let len = u32::try_from(value.len()).map_err(|_| StoreError::corrupt(what(), "batch above 4 GiB"))?;
-        let (file, pos) = self.append(generation, value)?;
+        let (file, pos) = self.append(generation, lane, value)?;
         Ok(BatchRef { file, pos, len, crc, max_ts, count })
     }
 
@@ -249,7 +299,10 @@ impl BatchFiles {
     /// Forgets every reference count (the store counts them afresh at open).
     pub fn reset_counts(&self) -> Result<(), StoreError> {
         let mut st = self.state.lock().map_err(lock_err)?;
-        st.files.values_mut().for_each(|f| f.live = 0);
+        st.files.values_mut().for_each(|f| {
+            f.live = 0;
+            f.live_bytes = 0;
+        });
         Ok(())
     }
 
@@ -258,28 +311,77 @@ impl BatchFiles {
         Ok(self.state.lock().map_err(lock_err)?.files.get(&seq).map(|f| f.len))
     }
 
-    /// Counts one more reference to a batch in `seq`, which belongs to `generation`.
-    pub fn retain(&self, seq: u64, generation: u64) -> Result<(), StoreError> {
+    /// Counts one more reference, to `r`'s batch, in a file that belongs to `generation`.
+    pub fn retain(&self, r: &BatchRef, generation: u64) -> Result<(), StoreError> {
         let mut st = self.state.lock().map_err(lock_err)?;
-        if let Some(f) = st.files.get_mut(&seq) {
+        if let Some(f) = st.files.get_mut(&r.file) {
             f.live += 1;
+            f.live_bytes += u64::from(r.len);
             f.generation.get_or_insert(generation);
         }
         Ok(())
     }
 
-    /// Counts one reference fewer; unlinks the file once nothing in it is referenced. The file being
-    /// appended to goes too (the next append starts a new one), so deleting a topic frees its space
-    /// at once rather than when the file would have filled.
-    pub fn release(&self, seq: u64) -> Result<(), StoreError> {
+    /// Counts one reference fewer, to `r`'s batch; unlinks its file once nothing in it is referenced.
+    /// The file being appended to goes too (the next append starts a new one), so deleting a topic
+    /// frees its space at once rather than when the file would have filled.
+    pub fn release(&self, r: &BatchRef) -> Result<(), StoreError> {
+        let seq = r.file;
         let mut st = self.state.lock().map_err(lock_err)?;
         if let Some(f) = st.files.get_mut(&seq) {
             f.live = f.live.saturating_sub(1);
+            f.live_bytes = f.live_bytes.saturating_sub(u64::from(r.len));
         }
         if st.files.get(&seq).is_some_and(|f| f.live == 0) {
             st.active.retain(|_, a| *a != seq);
         }
         self.unlink_if_dead(&mut st, seq)
+    }
+
+    /// Counts the references `refs` fewer, like [`release`](Self::release), but of the files left
+    /// with none, only forgets them: no reader finds them from now on, and the caller unlinks the
+    /// returned ones with [`unlink_released`](Self::unlink_released) once it let readers go on
+    /// (readers holding one open still read it).
+    pub fn release_keeping_files<'a>(&self, refs: impl Iterator<Item = &'a BatchRef>) -> Result<Vec<u64>, StoreError> {
+        let mut st = self.state.lock().map_err(lock_err)?;
+        let mut touched = BTreeSet::new();
+        for r in refs {
+            if let Some(f) = st.files.get_mut(&r.file) {
+                f.live = f.live.saturating_sub(1);
+                f.live_bytes = f.live_bytes.saturating_sub(u64::from(r.len));
+                touched.insert(r.file);
+            }
+        }
+        let mut dead = Vec::new();
+        for seq in touched {
+            if st.files.get(&seq).is_some_and(|f| f.live == 0) {
+                st.active.retain(|_, a| *a != seq);
+                st.files.remove(&seq);
+                st.dirty.remove(&seq);
+                dead.push(seq);
+            }
+        }
+        Ok(dead)
+    }
+
+    /// Unlinks files [`release_keeping_files`](Self::release_keeping_files) forgot, without holding
+    /// the lock readers take to find a file (unlinking a 64 MiB file can take milliseconds).
+    pub fn unlink_released(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut result = Ok(());
+        for seq in seqs {
+            let path = self.path(*seq);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    result = Err(StoreError::io(format!("remove {}", path.display()), e));
+                    break;
+                }
+            }
+        }
+        // The directory changed (or may have): the next sync fsyncs it.
+        self.state.lock().map_err(lock_err)?.dir_dirty = true;
+        result
     }
 
     fn unlink_if_dead(&self, st: &mut State, seq: u64) -> Result<(), StoreError> {
@@ -327,7 +429,7 @@ impl BatchFiles {
         let mut st = self.state.lock().map_err(lock_err)?;
         let gone: Vec<u64> =
             st.files.iter().filter(|(_, f)| f.generation == Some(generation)).map(|(seq, _)| *seq).collect();
-        st.active.remove(&generation);
+        st.active.retain(|(g, _), _| *g != generation);
         for seq in gone {
             st.files.remove(&seq);
             st.dirty.remove(&seq);
@@ -372,9 +474,33 @@ impl BatchFiles {
         Ok(self.state.lock().map_err(lock_err)?.files.values().map(|f| f.len).sum())
     }
 
+    /// Bytes in batch files that references name (the rest of [`size`](Self::size) is dead).
+    pub fn live_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.state.lock().map_err(lock_err)?.files.values().map(|f| f.live_bytes).sum())
+    }
+
     /// Number of batch files.
     pub fn count(&self) -> Result<usize, StoreError> {
         Ok(self.state.lock().map_err(lock_err)?.files.len())
+    }
+
+    /// Files of `generation` closed for appends in which at most `max_live_percent` of the bytes are
+    /// still referenced (so copying what is live out of them frees the rest), emptiest first.
+    pub fn sparse_files(&self, generation: u64, max_live_percent: u64) -> Result<Vec<FileUse>, StoreError> {
+        let st = self.state.lock().map_err(lock_err)?;
+        let mut sparse: Vec<FileUse> = st
+            .files
+            .iter()
+            .filter(|(seq, f)| {
+                f.generation == Some(generation)
+                    && f.len > 0
+                    && !st.active.values().any(|a| a == *seq)
+                    && u128::from(f.live_bytes) * 100 <= u128::from(f.len) * u128::from(max_live_percent)
+            })
+            .map(|(seq, f)| FileUse { seq: *seq, len: f.len, live_bytes: f.live_bytes })
+            .collect();
+        sparse.sort_by_key(|f| (u128::from(f.live_bytes) << 64) / u128::from(f.len.max(1)));
+        Ok(sparse)
     }
 }
 
@@ -388,12 +514,12 @@ mod tests {
     #[test]
     fn a_sync_claims_only_what_appends_have_written() {
         let dir = tempfile::tempdir().unwrap();
-        let files = BatchFiles::open(dir.path()).unwrap();
-        let (seq, pos) = files.append(0, &[7u8; 100]).unwrap();
+        let files = BatchFiles::open(dir.path(), FILE_BYTES).unwrap();
+        let (seq, pos) = files.append(0, Lane::Apply, &[7u8; 100]).unwrap();
         assert_eq!((seq, pos), (0, 0));
         assert_eq!(files.sync().unwrap().get(&seq), Some(&100));
         // An append between its reservation and its write, as another thread's sync sees it.
-        let (seq2, pos2, file) = files.reserve(0, 50).unwrap();
+        let (seq2, pos2, file) = files.reserve(0, Lane::Apply, 50).unwrap();
         assert_eq!((seq2, pos2), (seq, 100));
         assert_eq!(files.sync().unwrap().get(&seq), Some(&100), "claimed bytes not yet written");
         file.write_all_at(&[8u8; 50], pos2).unwrap();
@@ -407,7 +533,7 @@ mod tests {
         }
         assert_eq!(files.sync().unwrap().get(&seq), Some(&150));
         // The next append goes after the reserved space.
-        assert_eq!(files.append(0, &[9u8; 10]).unwrap(), (seq, 150));
+        assert_eq!(files.append(0, Lane::Apply, &[9u8; 10]).unwrap(), (seq, 150));
         assert_eq!(files.sync().unwrap().get(&seq), Some(&160));
     }
 }

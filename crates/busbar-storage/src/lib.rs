@@ -27,5 +27,6 @@ pub mod wal;
 pub use error::StoreError;
 pub use snapshot_manifest::SnapshotManifest;
 pub use topic_store::{
-    FetchResult, GroupPartitionView, GroupView, MemberView, PartitionOffsets, TopicInfo, TopicStore, TopicStoreOptions,
+    CompactionSummary, FetchResult, GroupPartitionView, GroupView, MemberView, PartitionOffsets, TopicInfo, TopicStore,
+    TopicStoreOptions, COMPACT_MAX_LIVE_PERCENT,
 };

@@ -33,12 +33,19 @@
 //! queues its batches for [`TopicStore::reclaim`], which runs only while no snapshot export is
 //! reading. That is what lets an export read a consistent point-in-time view while appends go on:
 //! the data is append-only and bounded by the end offsets captured at the snapshot's index.
+//!
+//! The one change to a committed reference is [`TopicStore::compact`]'s: it copies the live batches
+//! of mostly dead batch files into a new file and points their references there (same key, same
+//! bytes), so that the old files can go. It runs while no export or reclaim does, makes the copies
+//! and then the new references durable before it releases the old files, and waits for readers
+//! that may hold an old reference (`relocation`).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use busbar_types::{
     Command, CommandResponse, ErrorCode, GroupName, ProducerSeq, Record, RecordBatch, TopicConfig, TopicName,
@@ -49,7 +56,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::apply_version::{APPLY_VERSION, BOUNDED_PRODUCERS, LEGACY_APPLY_VERSION};
-use crate::batch_files::{BatchFiles, BatchRef};
+use crate::batch_files::{BatchFiles, BatchRef, FileUse, Lane};
 use crate::groups::{GroupState, Topics};
 use crate::snapshot_file::{FrameKind, FrameReader, FrameWriter};
 use crate::snapshot_manifest::{Pin, SnapshotHeader, SnapshotManifest};
@@ -152,6 +159,9 @@ pub struct TopicStoreOptions {
     /// the least recently used are evicted (see `producers`). Part of the replicated state machine:
     /// every node of a cluster must use the same value. At least 1.
     pub max_producer_states: usize,
+    /// A batch file is closed for appends at this size ([`crate::batch_files::FILE_BYTES`]; tests
+    /// use small files to exercise rotation and compaction).
+    pub batch_file_bytes: u64,
 }
 
 impl TopicStoreOptions {
@@ -161,7 +171,11 @@ impl TopicStoreOptions {
 
 impl Default for TopicStoreOptions {
     fn default() -> Self {
-        Self { cache_bytes: Self::DEFAULT_CACHE_BYTES, max_producer_states: DEFAULT_MAX_PRODUCER_STATES }
+        Self {
+            cache_bytes: Self::DEFAULT_CACHE_BYTES,
+            max_producer_states: DEFAULT_MAX_PRODUCER_STATES,
+            batch_file_bytes: crate::batch_files::FILE_BYTES,
+        }
     }
 }
 
@@ -229,6 +243,16 @@ struct Inner {
     files: BatchFiles,
     /// Serializes `flush_durable`.
     flushing: Mutex<()>,
+    /// Readers of batch bytes hold it shared from looking a reference up until they have read it;
+    /// compaction takes it exclusively to release the files it emptied, so a reference a reader
+    /// found before compaction replaced it still names a file that is there.
+    relocation: RwLock<()>,
+    /// One compaction at a time (its lane has one appender).
+    compacting: Mutex<()>,
+    /// What compaction did since open (a metric).
+    compacted: Mutex<CompactionSummary>,
+    /// Batch files compaction found a damaged batch in: left alone until the store is reopened.
+    unmovable: Mutex<BTreeSet<u64>>,
     /// Applies whose writes wait for a shared transaction. Changed only under `apply_lock` (or by
     /// `Drop`, when nothing else holds the store).
     deferred: Mutex<Deferred>,
@@ -377,7 +401,7 @@ impl TopicStore {
         let meta = load_meta(&generation.meta_tree)?;
         let producers = load_producers(&generation.meta_tree)?;
         let groups = load_groups(&generation.meta_tree)?;
-        let files = BatchFiles::open(&path.join("batches"))?;
+        let files = BatchFiles::open(&path.join("batches"), opts.batch_file_bytes)?;
         if batches_in_sled {
             move_batches_to_files(&db, &generation, &files)?;
         }
@@ -409,6 +433,10 @@ impl TopicStore {
                 group_offsets_moved: std::sync::atomic::AtomicU64::new(0),
                 files,
                 flushing: Mutex::new(()),
+                relocation: RwLock::new(()),
+                compacting: Mutex::new(()),
+                compacted: Mutex::new(CompactionSummary::default()),
+                unmovable: Mutex::new(BTreeSet::new()),
                 deferred: Mutex::new(Deferred::default()),
                 uncommitted_refs: RwLock::new(UncommittedRefs { generation: gen_id, refs: BTreeMap::new() }),
                 lost: Mutex::new(lost),
@@ -652,6 +680,9 @@ impl TopicStore {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<FetchResult, StoreError> {
+        // Held until the bytes are read: compaction may replace a reference found below, but not
+        // release the file it names meanwhile.
+        let _stable = self.inner.relocation.read().map_err(lock_err)?;
         let cur = self.current()?;
         let t = find_topic(&cur.meta, topic, partition)?;
         let state = cur.meta.partitions.get(&(t.id, partition)).copied().unwrap_or_default();
@@ -910,8 +941,11 @@ impl TopicStore {
     /// generations replaced by a snapshot install. Keeps what the pinned snapshot manifest names, and
     /// skips its turn while a snapshot export is reading. Returns how many keys it deleted.
     pub fn reclaim(&self, max_keys: usize) -> Result<usize, StoreError> {
-        let Ok(_exclusive) = self.inner.export_guard.try_write() else {
-            return Ok(0);
+        let _exclusive = match self.inner.export_guard.try_write() {
+            Ok(g) => g,
+            // Poisoned by a panic elsewhere: it only orders whole operations, nothing is half-done.
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(0),
         };
         let retired: Vec<u64> = std::mem::take(&mut *self.inner.retired.lock().map_err(lock_err)?);
         for gen in retired {
@@ -1095,10 +1129,248 @@ impl TopicStore {
             .collect())
     }
 
+    /// Frees the dead bytes of sparse batch files: the live batches of closed files in which at most
+    /// [`COMPACT_MAX_LIVE_PERCENT`] of the bytes are still referenced (emptiest first, up to
+    /// `max_move_bytes` of live batches, at least one file; at most `COMPACT_MAX_BATCHES` batches)
+    /// are copied into the compaction lane's file, their references pointed at the copies, and the
+    /// old files unlinked. Without it, one batch of a long-retained topic keeps a whole file of a
+    /// short-retained one on disk.
+    ///
+    /// Order, for power loss: the copies are fdatasynced before any reference to them is written;
+    /// the new references are durable (sled flushed, with the batch files' sync mark) before the old
+    /// files are released. A crash before that leaves the copies unreferenced (unlinked at open); a
+    /// crash after leaves the old files unreferenced (the same).
+    ///
+    /// Every batch is checked (both crcs) before it is copied. A damaged one is logged and its file
+    /// left alone, for readers to report, and skipped by later rounds until the store is reopened;
+    /// the other files of the round are still compacted.
+    ///
+    /// Copies while everything else runs. Then, with reclaim and exports held off (waiting up to
+    /// `COMPACT_SWAP_WAIT` for an export to finish, else giving the round up) and apply held off for
+    /// the swap itself, replaces every reference that did not change meanwhile (reclaim may have
+    /// deleted some), and releases the old ones once no reader can be holding them.
+    pub fn compact(&self, max_move_bytes: u64) -> Result<CompactionSummary, StoreError> {
+        let _one = self.inner.compacting.lock().map_err(lock_err)?;
+        let files = &self.inner.files;
+        // Every reference into a closed file is in sled from here on: apply adds references only to
+        // its active file, and a closed file never becomes active again.
+        let cur = {
+            let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
+            let cur = self.current()?;
+            self.inner.commit_deferred(&cur.generation)?;
+            cur
+        };
+        let generation = cur.generation.id;
+        let mut chosen = BTreeMap::new();
+        let mut budget = 0u64;
+        {
+            let unmovable = self.inner.unmovable.lock().map_err(lock_err)?;
+            for f in files.sparse_files(generation, COMPACT_MAX_LIVE_PERCENT)? {
+                if unmovable.contains(&f.seq) {
+                    continue;
+                }
+                if !chosen.is_empty() && budget + f.live_bytes > max_move_bytes {
+                    break;
+                }
+                budget += f.live_bytes;
+                chosen.insert(f.seq, f);
+            }
+        }
+        if chosen.is_empty() {
+            return Ok(CompactionSummary::default());
+        }
+        let mut moves: Vec<Move> = Vec::new();
+        let forget = |moves: &[Move]| {
+            for m in moves {
+                let _ = files.release(&m.new);
+            }
+        };
+        let copied = self.copy_live_batches(&cur, &mut chosen, &mut moves);
+        if let Err(e) = copied {
+            forget(&moves);
+            return Err(e);
+        }
+        if moves.is_empty() {
+            return Ok(CompactionSummary::default());
+        }
+        // Reclaim (which deletes references) and exports (which stream references read earlier)
+        // stay out from here until the old files are released.
+        let Some(_exclusive) = self.hold_off_reclaim_and_exports(COMPACT_SWAP_WAIT)? else {
+            forget(&moves);
+            return Ok(CompactionSummary::default());
+        };
+        let swapped = {
+            let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
+            let now = self.current()?;
+            if now.generation.id != generation {
+                // An install replaced the generation; its files go with it.
+                forget(&moves);
+                return Ok(CompactionSummary::default());
+            }
+            let mut swap = sled::Batch::default();
+            let mut swapped = Vec::with_capacity(moves.len());
+            for m in moves {
+                // Apply only adds references; reclaim may have deleted this one while we copied.
+                if now.generation.records.get(&m.key)?.as_ref() == Some(&m.old_value) {
+                    swap.insert(m.key.clone(), m.new.encode()?);
+                    swapped.push(m);
+                } else {
+                    let _ = files.release(&m.new);
+                }
+            }
+            now.generation.records.apply_batch(swap)?;
+            swapped
+        };
+        // The new references durable before the old files go: after a power loss sled must not
+        // name a file that was unlinked.
+        self.sync_committed()?;
+        let emptied = {
+            // No reader is between looking a reference up and reading it; the ones that come later
+            // find the new references.
+            let _no_readers = self.inner.relocation.write().map_err(lock_err)?;
+            files.release_keeping_files(swapped.iter().map(|m| &m.old))?
+        };
+        // Unlinked after readers may go on: they hold the files they already found open.
+        files.unlink_released(&emptied)?;
+        let mut summary = CompactionSummary {
+            batches: swapped.len() as u64,
+            moved_bytes: swapped.iter().map(|m| u64::from(m.new.len)).sum(),
+            ..CompactionSummary::default()
+        };
+        for seq in &emptied {
+            if let Some(f) = chosen.get(seq) {
+                summary.files += 1;
+                summary.freed_bytes += f.len;
+            }
+        }
+        let mut totals = self.inner.compacted.lock().map_err(lock_err)?;
+        totals.files += summary.files;
+        totals.freed_bytes += summary.freed_bytes;
+        totals.batches += summary.batches;
+        totals.moved_bytes += summary.moved_bytes;
+        Ok(summary)
+    }
+
+    /// Copies every batch that a committed reference names in a `chosen` file into the compaction
+    /// lane, checked first, and fdatasyncs the copies. A file holding a damaged batch leaves
+    /// `chosen` (and its copies are forgotten) and is remembered as unmovable.
+    fn copy_live_batches(
+        &self,
+        cur: &Current,
+        chosen: &mut BTreeMap<u64, FileUse>,
+        moves: &mut Vec<Move>,
+    ) -> Result<(), StoreError> {
+        let files = &self.inner.files;
+        for kv in cur.generation.records.iter() {
+            let (key, old_value) = kv?;
+            let what = || format!("batch key {key:?} (compaction)");
+            // One that does not decode is left where it is, for a reader to report.
+            let Ok(old) = BatchRef::decode(&what, &old_value) else { continue };
+            if !chosen.contains_key(&old.file) {
+                continue;
+            }
+            if moves.len() >= COMPACT_MAX_BATCHES {
+                // Bounded memory per round; the rest of these files is sparser for the next.
+                break;
+            }
+            let checked = files.read(&what, &old).and_then(|stored| match checked::open(&what, &stored) {
+                Ok(_) => Ok(stored),
+                Err(e) => Err(e),
+            });
+            let stored = match checked {
+                Ok(stored) => stored,
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        file = format!("{:016x}", old.file),
+                        "a batch in a batch file is damaged: the file is not compacted"
+                    );
+                    chosen.remove(&old.file);
+                    self.inner.unmovable.lock().map_err(lock_err)?.insert(old.file);
+                    moves.retain(|m| {
+                        let keep = m.old.file != old.file;
+                        if !keep {
+                            let _ = files.release(&m.new);
+                        }
+                        keep
+                    });
+                    continue;
+                }
+            };
+            let new = files.store_in(Lane::Compaction, cur.generation.id, &what, &stored)?;
+            moves.push(Move { key, old_value, old, new });
+        }
+        // The copies reach the disk before a reference to them can (sled flushes on its own). Under
+        // `flushing`: a concurrent flush must not record these files as synced while the fdatasyncs
+        // still run.
+        let _flush = self.inner.flushing.lock().map_err(lock_err)?;
+        files.sync().map(drop)
+    }
+
+    /// The export guard, exclusively: waits up to `wait` for a running export to finish. `None`: it
+    /// did not. A guard poisoned by a panic elsewhere still excludes (nothing it guards is left
+    /// half-done by a panic: the guard only orders whole operations).
+    fn hold_off_reclaim_and_exports(&self, wait: Duration) -> Result<Option<RwLockWriteGuard<'_, ()>>, StoreError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.inner.export_guard.try_write() {
+                Ok(g) => return Ok(Some(g)),
+                Err(TryLockError::Poisoned(p)) => return Ok(Some(p.into_inner())),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(TryLockError::WouldBlock) => return Ok(None),
+            }
+        }
+    }
+
+    /// What [`compact`](Self::compact) did since the store was opened.
+    pub fn compaction_totals(&self) -> Result<CompactionSummary, StoreError> {
+        Ok(*self.inner.compacted.lock().map_err(lock_err)?)
+    }
+
+    /// Bytes of the batch files, and how many of them references name (the rest is dead space,
+    /// which compaction gives back once a file is mostly dead).
+    pub fn batch_file_bytes(&self) -> Result<(u64, u64), StoreError> {
+        Ok((self.inner.files.size()?, self.inner.files.live_bytes()?))
+    }
+
     /// Bytes sled's files and the batch files take on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.inner.db.size_on_disk()? + self.inner.files.size()?)
     }
+}
+
+/// Batch files in which at most this share of the bytes is still referenced are compacted
+/// ([`TopicStore::compact`]). At 50% a live byte is copied at most once per dead byte freed, and the
+/// batch files hold at most about twice the live data plus the files being filled.
+pub const COMPACT_MAX_LIVE_PERCENT: u64 = 50;
+
+/// Batches one compaction round moves at most (it keeps a few hundred bytes per batch in memory
+/// until the swap). A file of tiny batches takes several rounds.
+const COMPACT_MAX_BATCHES: usize = 65_536;
+
+/// How long a compaction round waits for a running snapshot export before it gives up its copies.
+const COMPACT_SWAP_WAIT: Duration = Duration::from_secs(5);
+
+/// One batch a compaction round copied: its key, the reference it replaces (as stored, to check it
+/// did not change meanwhile), and the copy's.
+struct Move {
+    key: sled::IVec,
+    old_value: sled::IVec,
+    old: BatchRef,
+    new: BatchRef,
+}
+
+/// What one [`TopicStore::compact`] round did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactionSummary {
+    /// Batch files emptied and unlinked, and their bytes.
+    pub files: usize,
+    pub freed_bytes: u64,
+    /// Batches copied into the compaction lane's file, and their bytes.
+    pub batches: u64,
+    pub moved_bytes: u64,
 }
 
 /// Deletes the keys `records` yields, until `*deleted` reaches `max_keys`. Returns whether it got
@@ -1121,15 +1393,15 @@ fn delete_bounded(
         let (k, v) = kv?;
         // A reference that does not decode still goes; it names nothing we could release.
         if let Ok(r) = BatchRef::decode(&|| "batch reference".into(), &v) {
-            released.push(r.file);
+            released.push(r);
         }
         batch.remove(k);
         *deleted += 1;
     }
     tree.apply_batch(batch)?;
     // Only after the references are gone: a file is unlinked once nothing names it.
-    for file in released {
-        files.release(file)?;
+    for r in &released {
+        files.release(r)?;
     }
     Ok(exhausted)
 }
@@ -1232,7 +1504,7 @@ fn count_references(
             }
             continue;
         }
-        files.retain(r.file, generation.id)?;
+        files.retain(&r, generation.id)?;
         if reachable && synced.get(&r.file).is_none_or(|len| *len < r.end()) {
             if let Err(e) = files.read(&what, &r).and_then(|stored| checked::open(&what, &stored).map(drop)) {
                 lost.get_or_insert_with(|| e.to_string());
@@ -2401,6 +2673,185 @@ mod tests {
         let store = open_store(dir.path());
         assert!(store.lost_data().unwrap().is_none());
         assert_eq!(store.read("u", 0, 0, 10, 1 << 20).unwrap().records.len(), 1);
+    }
+
+    /// Small batch files, so a few KiB of batches span several.
+    fn small_files() -> TopicStoreOptions {
+        TopicStoreOptions { batch_file_bytes: 8 << 10, ..TopicStoreOptions::default() }
+    }
+
+    fn create(store: &TopicStore, topic: &str, pos: u8) {
+        let cmd = Command::CreateTopic { name: name(topic), partitions: 1, config: TopicConfig::default() };
+        store.apply(&[Some(&cmd)], Bytes::from(vec![pos])).unwrap();
+    }
+
+    /// Writes `rounds` batches of about 900 B to `bulk` and, every fourth, a small one to `keep`
+    /// (its values are `prefix` and the round), then deletes `bulk` and reclaims it: every file is
+    /// left holding a few small batches among dead bytes. Returns the values written to `keep`.
+    fn interleave_then_delete(store: &TopicStore, bulk: &str, keep: &str, prefix: &str, rounds: usize) -> Vec<String> {
+        create(store, bulk, 1);
+        let filler = "f".repeat(900);
+        let mut kept = Vec::new();
+        for i in 0..rounds {
+            produce(store, bulk, 0, &[filler.as_str()], 2);
+            if i % 4 == 0 {
+                let v = format!("{prefix}-{i}");
+                produce(store, keep, 0, &[v.as_str()], 2);
+                kept.push(v);
+            }
+        }
+        store.apply(&[Some(&Command::DeleteTopic { name: name(bulk) })], Bytes::from_static(b"3")).unwrap();
+        while store.reclaim(1000).unwrap() > 0 {}
+        kept
+    }
+
+    fn values(store: &TopicStore, topic: &str) -> Vec<String> {
+        let fetched = store.read(topic, 0, 0, 100_000, usize::MAX).unwrap();
+        fetched.records.iter().map(|(_, r)| String::from_utf8(r.value.to_vec()).unwrap()).collect()
+    }
+
+    /// The case compaction exists for: a topic whose batches were deleted shares its files with one
+    /// still retained, which used to keep every one of those files whole.
+    #[test]
+    fn compaction_frees_files_that_retained_batches_kept_and_everything_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store_with(dir.path(), &small_files());
+        create(&store, "keep", 0);
+        let kept = interleave_then_delete(&store, "bulk", "keep", "k", 64);
+        // A snapshot taken before compaction: it must still export whole after its batches moved.
+        let early = store.capture_snapshot().unwrap();
+        store.pin_snapshot(&early).unwrap();
+        let before = batch_file_paths(dir.path()).len();
+        assert!(before >= 6, "64 batches of 900 B in 8 KiB files: {before} files");
+        let size_before = store.inner.files.size().unwrap();
+
+        let summary = store.compact(u64::MAX).unwrap();
+        assert!(summary.files >= before - 2, "{summary:?} of {before} files");
+        // Those in the file apply still appends to stay (at most two: one per 4 × 900 B).
+        let n = kept.len() as u64;
+        assert!((n - 2..n).contains(&summary.batches), "all but the active file's batches move: {summary:?} of {n}");
+        let after = batch_file_paths(dir.path()).len();
+        assert_eq!(after, before - summary.files + 1, "the emptied files go; the copies share one new file");
+        assert!(
+            store.inner.files.size().unwrap() < size_before / 4,
+            "{} of {size_before} bytes left",
+            store.inner.files.size().unwrap()
+        );
+        assert_eq!(values(&store, "keep"), kept);
+        assert_eq!(store.compact(u64::MAX).unwrap(), CompactionSummary::default(), "nothing sparse is left");
+
+        // The snapshot pinned before names the same batches by key: it exports from their copies.
+        let mut buf = Vec::new();
+        store.export_snapshot(&early, &mut buf).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let installed = open_store(other.path());
+        installed.import_snapshot(&buf[..], "compacted").unwrap();
+        assert_eq!(values(&installed, "keep"), kept);
+        // And the new references are what a reopened store (or one after a crash) finds.
+        drop(store);
+        let store = open_store_with(dir.path(), &small_files());
+        assert!(store.lost_data().unwrap().is_none());
+        assert_eq!(batch_file_paths(dir.path()).len(), after);
+        assert_eq!(values(&store, "keep"), kept);
+        produce(&store, "keep", 0, &["after"], 4);
+        assert_eq!(values(&store, "keep").last().map(String::as_str), Some("after"));
+    }
+
+    /// A damaged batch is reported, not copied: its file stays (readers report it), later rounds
+    /// leave it alone, and the other sparse files are still compacted.
+    #[test]
+    fn compaction_leaves_a_file_with_a_damaged_batch_alone_and_compacts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store_with(dir.path(), &small_files());
+        create(&store, "keep", 0);
+        interleave_then_delete(&store, "bulk", "keep", "k", 16);
+        store.flush_durable().unwrap();
+        let sparse = store.inner.files.sparse_files(0, COMPACT_MAX_LIVE_PERCENT).unwrap();
+        let victim = sparse.first().expect("a sparse file").seq;
+        // Damage the payload of the first live batch in that file (same length, same stored crc).
+        let r = store
+            .inner
+            .db
+            .open_tree(tree_names(0).1)
+            .unwrap()
+            .iter()
+            .map(|kv| BatchRef::decode(&|| "ref".into(), &kv.unwrap().1).unwrap())
+            .find(|r| r.file == victim)
+            .unwrap();
+        let path = store.inner.files.dir().join(format!("{victim:016x}.batches"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(r.end() - 2) as usize] ^= 0x20;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let summary = store.compact(u64::MAX).unwrap();
+        assert!(path.exists(), "the file holding the damaged batch stays");
+        assert_eq!(summary.files, sparse.len() - 1, "the other sparse files go: {summary:?}");
+        assert_eq!(store.compact(u64::MAX).unwrap(), CompactionSummary::default(), "and it is not tried again");
+        let err = store.read("keep", 0, 0, 1000, usize::MAX).unwrap_err();
+        assert!(err.to_string().contains("crc32 mismatch"), "readers are told: {err}");
+    }
+
+    /// A reader that may hold a reference compaction just replaced (one holding `relocation`, as
+    /// `read` does from lookup to read) keeps the old file until it is done.
+    #[test]
+    fn compaction_keeps_emptied_files_until_readers_that_may_name_them_are_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store_with(dir.path(), &small_files());
+        create(&store, "keep", 0);
+        let kept = interleave_then_delete(&store, "bulk", "keep", "k", 32);
+        let before = batch_file_paths(dir.path());
+        let reading = store.inner.relocation.read().unwrap();
+        let compaction = {
+            let store = store.clone();
+            std::thread::spawn(move || store.compact(u64::MAX).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!compaction.is_finished(), "compaction waits for the reader");
+        assert!(before.iter().all(|p| p.exists()), "no file goes while a reader may still name it");
+        drop(reading);
+        let summary = compaction.join().unwrap();
+        assert!(summary.files >= 2, "{summary:?}");
+        assert!(before.iter().filter(|p| !p.exists()).count() == summary.files);
+        assert_eq!(values(&store, "keep"), kept);
+    }
+
+    /// Readers never see a reference whose file compaction released, nor a wrong value.
+    #[test]
+    fn reads_running_through_compactions_always_get_whole_batches() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store_with(dir.path(), &small_files());
+        create(&store, "keep", 0);
+        let expected = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (store, expected, stop) = (store.clone(), expected.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let known = expected.lock().unwrap().clone();
+                    let got = match store.read("keep", 0, 0, 100_000, usize::MAX) {
+                        Ok(f) => f.records.iter().map(|(_, r)| String::from_utf8(r.value.to_vec()).unwrap()).collect(),
+                        Err(StoreError::OffsetOutOfRange { .. }) => Vec::new(),
+                        Err(e) => panic!("read during compaction: {e}"),
+                    };
+                    assert!(got.len() >= known.len() && got[..known.len()] == known[..], "{got:?} against {known:?}");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        let mut freed = 0;
+        for round in 0..6 {
+            let kept = interleave_then_delete(&store, &format!("bulk{round}"), "keep", &format!("r{round}"), 32);
+            expected.lock().unwrap().extend(kept);
+            freed += store.compact(u64::MAX).unwrap().files;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let reads = reader.join().unwrap();
+        assert!(freed >= 12, "{freed} files freed");
+        assert!(reads > 0);
+        assert_eq!(values(&store, "keep"), *expected.lock().unwrap());
     }
 
     #[test]
