@@ -32,6 +32,11 @@ pub struct RaftConfig {
     pub wal_segment_bytes: u64,
     /// sled's cache (see `TopicStoreOptions::cache_bytes`; `--store-cache-mib`).
     pub sled_cache_bytes: u64,
+    /// Size at which a batch file is closed (`TopicStoreOptions::batch_file_bytes`; tests use
+    /// small files).
+    pub batch_file_bytes: u64,
+    /// How often the reclaimer looks for sparse batch files to compact (`TopicStore::compact`).
+    pub compact_every_ms: u64,
     /// Test hook: links cut between in-process nodes. `None` in production.
     pub partitions: Option<Partitions>,
 }
@@ -49,6 +54,8 @@ impl Default for RaftConfig {
             max_entries_per_append: 64,
             wal_segment_bytes: 64 << 20,
             sled_cache_bytes: TopicStoreOptions::DEFAULT_CACHE_BYTES,
+            batch_file_bytes: busbar_storage::batch_files::FILE_BYTES,
+            compact_every_ms: 10_000,
             partitions: None,
         }
     }
@@ -102,7 +109,13 @@ pub struct RaftNode {
     pub snapshots: SnapshotDir,
     /// The last applied index; changes when data commits (long polls and subscriptions wait on it).
     pub applied: tokio::sync::watch::Receiver<u64>,
+    /// `RaftConfig::compact_every_ms`.
+    compact_every: Duration,
 }
+
+/// Live batch bytes one compaction round copies at most (it copies at least one file's): bounds how
+/// long it holds off reclaim and snapshot exports.
+const COMPACT_MAX_MOVE_BYTES: u64 = 256 << 20;
 
 impl RaftNode {
     /// Opens (recovering) the node's storage under `data_dir` and starts openraft. A corrupt WAL or
@@ -112,7 +125,11 @@ impl RaftNode {
         // data dir fail here, before it could run WAL recovery under a live node.
         let store = TopicStore::open(
             &data_dir.join("state"),
-            &TopicStoreOptions { cache_bytes: cfg.sled_cache_bytes, ..Default::default() },
+            &TopicStoreOptions {
+                cache_bytes: cfg.sled_cache_bytes,
+                batch_file_bytes: cfg.batch_file_bytes,
+                ..Default::default()
+            },
         )?;
         let wal = Wal::open(
             &data_dir.join("raft-log"),
@@ -146,18 +163,53 @@ impl RaftNode {
             sm,
         )
         .await?;
-        Ok(Self { id, raft, store, wal, snapshots, applied })
+        Ok(Self {
+            id,
+            raft,
+            store,
+            wal,
+            snapshots,
+            applied,
+            compact_every: Duration::from_millis(cfg.compact_every_ms),
+        })
     }
 
-    /// Deletes unreachable data (deleted topics, replaced generations) in bounded steps until
-    /// `shutdown` resolves. Spawn it next to the node.
+    /// Deletes unreachable data (deleted topics, replaced generations) in bounded steps, and once
+    /// that is done compacts sparse batch files every `compact_every`, until `shutdown` resolves.
+    /// Spawn it next to the node.
     pub async fn run_reclaimer(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut next_compaction = tokio::time::Instant::now() + self.compact_every;
         loop {
             let store = self.store.clone();
             let res = tokio::task::spawn_blocking(move || store.reclaim(10_000)).await;
-            let busy = matches!(res, Ok(Ok(n)) if n > 0);
+            let mut busy = matches!(res, Ok(Ok(n)) if n > 0);
             if let Ok(Err(e)) = res {
                 tracing::warn!(error = %e, "reclaiming deleted data failed; will retry");
+            }
+            if !busy && tokio::time::Instant::now() >= next_compaction {
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.compact(COMPACT_MAX_MOVE_BYTES)).await {
+                    Ok(Ok(s)) if s.batches > 0 => {
+                        tracing::info!(
+                            files = s.files,
+                            freed_bytes = s.freed_bytes,
+                            batches = s.batches,
+                            moved_bytes = s.moved_bytes,
+                            "compacted sparse batch files"
+                        );
+                        // More may be waiting: the next round soon, after another reclaim turn.
+                        busy = true;
+                    }
+                    Ok(Ok(_)) => next_compaction = tokio::time::Instant::now() + self.compact_every,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "compacting batch files failed; will retry");
+                        next_compaction = tokio::time::Instant::now() + self.compact_every;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the compaction task ended abnormally; will retry");
+                        next_compaction = tokio::time::Instant::now() + self.compact_every;
+                    }
+                }
             }
             let pause = if busy { Duration::from_millis(10) } else { Duration::from_millis(500) };
             tokio::select! {

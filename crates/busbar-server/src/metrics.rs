@@ -520,6 +520,40 @@ fn render_storage(out: &mut Out, node: &RaftNode, data_dir: &Path) {
             out.errors += 1;
         }
     }
+    out.family(
+        "busbar_batch_file_bytes",
+        "gauge",
+        "Bytes of the state's batch files: all of them, and those stored batches still name (the rest is dead space compaction gives back).",
+    );
+    match node.store.batch_file_bytes() {
+        Ok((all, live)) => {
+            out.sample("busbar_batch_file_bytes", &[("kind", "all")], all);
+            out.sample("busbar_batch_file_bytes", &[("kind", "live")], live);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: sizing the batch files failed");
+            out.errors += 1;
+        }
+    }
+    let compaction = node.store.compaction_totals();
+    if let Err(e) = &compaction {
+        tracing::warn!(error = %e, "metrics: reading the compaction totals failed");
+        out.errors += 1;
+    }
+    if let Ok(c) = compaction {
+        out.family(
+            "busbar_compaction_freed_bytes_total",
+            "counter",
+            "Bytes of batch files compaction emptied and unlinked since the node started.",
+        );
+        out.sample("busbar_compaction_freed_bytes_total", &[], c.freed_bytes);
+        out.family(
+            "busbar_compaction_moved_bytes_total",
+            "counter",
+            "Bytes of live batches compaction copied out of sparse batch files since the node started.",
+        );
+        out.sample("busbar_compaction_moved_bytes_total", &[], c.moved_bytes);
+    }
 }
 
 /// Bytes of the files under `dir`. A file removed while we walk (segment purged, snapshot

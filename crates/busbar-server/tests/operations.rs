@@ -401,6 +401,9 @@ async fn metrics_carry_raft_requests_partitions_groups_and_storage() -> Res<()> 
     assert!(value(&s, r#"busbar_storage_bytes{kind="raft_log"}"#)? > 0.0);
     assert!(value(&s, r#"busbar_storage_bytes{kind="state"}"#)? > 0.0);
     assert!(value(&s, r#"busbar_storage_bytes{kind="snapshots"}"#)? > 0.0);
+    let batch_bytes = value(&s, r#"busbar_batch_file_bytes{kind="all"}"#)?;
+    assert!(batch_bytes > 0.0 && value(&s, r#"busbar_batch_file_bytes{kind="live"}"#)? == batch_bytes);
+    assert_eq!(value(&s, "busbar_compaction_freed_bytes_total")?, 0.0);
     assert_eq!(value(&s, r#"busbar_metrics_series_capped{family="partition"}"#)?, 0.0);
     assert_eq!(value(&s, r#"busbar_metrics_series_capped{family="group"}"#)?, 0.0);
     assert_eq!(value(&s, "busbar_metrics_render_errors")?, 0.0);
