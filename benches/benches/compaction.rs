@@ -1,0 +1,162 @@
+//! Batch-file compaction: what deleting a topic whose batches share files with a retained topic's
+//! gives back, before and after `TopicStore::compact`, and what compaction costs.
+//!
+//! ```text
+//! cargo bench -p busbar-benches --bench compaction                   # 1 GiB written, about 30 s
+//! BENCH_SCALE=0.1 cargo bench -p busbar-benches --bench compaction   # smoke run
+//! ```
+//!
+//! Two topics of one partition take batches of 64 records of 1 KiB in turn: `bulk` nine of every
+//! ten, `keep` the tenth, so every 64 MiB batch file holds both (as in a cluster where a busy,
+//! short-retained topic shares the node with a quiet, long-retained one). Then `bulk` is deleted and
+//! reclaimed. Without compaction nothing is freed: each file still holds `keep` batches. The bench
+//! then runs compaction rounds (the node's reclaimer runs one every 10 s while sparse files are
+//! left) until none is left, and reads `keep` back whole.
+//!
+//! `BENCH_DIR` chooses the directory, as for the storage bench (never a tmpfs: sync costs matter).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use busbar_benches::{bench_root, fmt_num, random_bytes, utc_now, CpuSample, Table};
+use busbar_storage::{TopicStore, TopicStoreOptions};
+use busbar_types::{Command, CommandResponse, Record, RecordBatch, TopicName};
+use bytes::Bytes;
+
+const MIB: u64 = 1 << 20;
+const MB: f64 = 1e6;
+const RECORDS_PER_BATCH: usize = 64;
+const RECORD_BYTES: usize = 1024;
+/// Live batch bytes per compaction round, as the node's reclaimer uses.
+const ROUND_BYTES: u64 = 256 << 20;
+
+fn scale() -> Result<f64> {
+    let scale = match std::env::var("BENCH_SCALE") {
+        Ok(s) => s.trim().parse::<f64>().with_context(|| format!("BENCH_SCALE={s:?} is not a number"))?,
+        Err(_) => 1.0,
+    };
+    if !(scale.is_finite() && scale > 0.0 && scale <= 100.0) {
+        bail!("BENCH_SCALE must be in (0, 100], got {scale}");
+    }
+    Ok(scale)
+}
+
+fn batch(seed: u64) -> Result<RecordBatch> {
+    let records: Vec<Record> = (0..RECORDS_PER_BATCH)
+        .map(|i| Record {
+            key: None,
+            value: Bytes::from(random_bytes(RECORD_BYTES, seed * 1_000 + i as u64)),
+            headers: vec![],
+            timestamp_ms: 1_700_000_000_000,
+        })
+        .collect();
+    Ok(RecordBatch::encode(&records)?)
+}
+
+fn apply(store: &TopicStore, cmd: &Command, pos: &mut u64) -> Result<()> {
+    *pos += 1;
+    let r = store.apply(&[Some(cmd)], Bytes::copy_from_slice(&pos.to_be_bytes()))?;
+    if let Some(CommandResponse::Rejected { code, message }) = r.first() {
+        bail!("the store rejected a bench command: {code:?} {message}");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let scale = scale()?;
+    let root = bench_root()?;
+    std::fs::create_dir_all(&root)?;
+    let tmp = tempfile::Builder::new().prefix("busbar-bench-compaction-").tempdir_in(&root)?;
+    let store = TopicStore::open(&tmp.path().join("state"), &TopicStoreOptions::default())?;
+    let (keep, bulk) = (TopicName::new("keep")?, TopicName::new("bulk")?);
+    let mut pos = 0;
+    for name in [&keep, &bulk] {
+        let create = Command::CreateTopic { name: name.clone(), partitions: 1, config: Default::default() };
+        apply(&store, &create, &mut pos)?;
+    }
+    let total = (1024.0 * scale * MIB as f64) as u64;
+    let per_batch = (RECORDS_PER_BATCH * RECORD_BYTES) as u64;
+    let batches = (total / per_batch).max(10);
+    let samples = [batch(1)?, batch(2)?];
+    let mut kept_records = 0u64;
+    let write_start = Instant::now();
+    for i in 0..batches {
+        let to_keep = i % 10 == 9;
+        let cmd = Command::Produce {
+            topic: if to_keep { keep.clone() } else { bulk.clone() },
+            partition: 0,
+            records: samples[usize::from(to_keep)].clone(),
+            producer: None,
+        };
+        apply(&store, &cmd, &mut pos)?;
+        kept_records += if to_keep { RECORDS_PER_BATCH as u64 } else { 0 };
+    }
+    store.flush_durable()?;
+    let write_secs = write_start.elapsed().as_secs_f64();
+    let live_payload = kept_records * RECORD_BYTES as u64;
+    let written = store.size_on_disk()?;
+
+    apply(&store, &Command::DeleteTopic { name: bulk.clone() }, &mut pos)?;
+    while store.reclaim(10_000)? > 0 {}
+    store.flush_durable()?;
+    let reclaimed = store.size_on_disk()?;
+
+    let cpu_before = CpuSample::now().ok();
+    let start = Instant::now();
+    let (mut rounds, mut files, mut moved, mut freed) = (0u32, 0usize, 0u64, 0u64);
+    let mut round_secs = Vec::new();
+    loop {
+        let t = Instant::now();
+        let s = store.compact(ROUND_BYTES)?;
+        if s.batches == 0 {
+            break;
+        }
+        round_secs.push(t.elapsed());
+        rounds += 1;
+        files += s.files;
+        moved += s.moved_bytes;
+        freed += s.freed_bytes;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_before.zip(CpuSample::now().ok()).map(|(b, a)| b.process_secs(&a));
+    let compacted = store.size_on_disk()?;
+
+    let read_start = Instant::now();
+    let mut offset = 0u64;
+    while offset < kept_records {
+        let got = store.read("keep", 0, offset, 100_000, 16 << 20)?;
+        offset += got.records.len() as u64;
+        if got.records.is_empty() {
+            bail!("keep stops at offset {offset} of {kept_records}");
+        }
+    }
+    let read_secs = read_start.elapsed().as_secs_f64();
+
+    let ratio = |bytes: u64| Some(bytes as f64 / live_payload as f64);
+    let mut t = Table::new(&["state", "store MB", "x live payload"]);
+    t.row(vec!["written (flushed)".into(), fmt_num(Some(written as f64 / MB)), fmt_num(ratio(written))]);
+    t.row(vec!["bulk deleted, reclaimed".into(), fmt_num(Some(reclaimed as f64 / MB)), fmt_num(ratio(reclaimed))]);
+    t.row(vec!["compacted".into(), fmt_num(Some(compacted as f64 / MB)), fmt_num(ratio(compacted))]);
+    let max_round = round_secs.iter().max().map(|d: &Duration| d.as_secs_f64() * 1e3);
+
+    println!();
+    println!("busbar compaction bench, {}", utc_now());
+    println!(
+        "dir {}, BENCH_SCALE={scale}: {batches} batches of {RECORDS_PER_BATCH} x {RECORD_BYTES} B written in {write_secs:.1} s, 1 in 10 to keep ({:.1} MB live)",
+        tmp.path().display(),
+        live_payload as f64 / MB
+    );
+    println!();
+    print!("{}", t.render());
+    println!();
+    println!(
+        "compaction: {rounds} rounds in {secs:.2} s (longest {} ms), {files} files freed ({:.1} MB), {:.1} MB moved ({} MB/s), cpu {}% of one core",
+        fmt_num(max_round),
+        freed as f64 / MB,
+        moved as f64 / MB,
+        fmt_num(Some(moved as f64 / MB / secs.max(1e-9))),
+        fmt_num(cpu.map(|c| 100.0 * c / secs.max(1e-9)))
+    );
+    println!("keep read back whole after compaction: {kept_records} records in {read_secs:.2} s");
+    Ok(())
+}
