@@ -324,7 +324,9 @@ impl BatchFiles {
 
     /// Counts one reference fewer, to `r`'s batch; unlinks its file once nothing in it is referenced.
     /// The file being appended to goes too (the next append starts a new one), so deleting a topic
-    /// frees its space at once rather than when the file would have filled.
+    /// frees its space at once rather than when the file would have filled. Unlinks at once: only
+    /// for references no reader can have found (a copy never published); the store releases
+    /// published ones with [`release_keeping_files`](Self::release_keeping_files).
     pub fn release(&self, r: &BatchRef) -> Result<(), StoreError> {
         let seq = r.file;
         let mut st = self.state.lock().map_err(lock_err)?;

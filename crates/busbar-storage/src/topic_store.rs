@@ -952,6 +952,8 @@ impl TopicStore {
             let (m, r) = tree_names(gen);
             self.inner.db.drop_tree(m.as_bytes())?;
             self.inner.db.drop_tree(r.as_bytes())?;
+            // A reader may still hold the replaced generation's references.
+            let _no_readers = self.inner.relocation.write().map_err(lock_err)?;
             self.inner.files.drop_generation(gen)?;
         }
         // The state first, then the pin: a manifest captured after this read names nothing below the
@@ -970,7 +972,7 @@ impl TopicStore {
                 continue;
             }
             let records = cur.generation.records.scan_prefix(topic_id.to_be_bytes());
-            if !delete_bounded(&cur.generation.records, &self.inner.files, records, max_keys, &mut deleted)? {
+            if !delete_bounded(&cur.generation.records, &self.inner, records, max_keys, &mut deleted)? {
                 return Ok(deleted);
             }
             cur.generation.meta_tree.remove(&k)?;
@@ -984,7 +986,7 @@ impl TopicStore {
             if let Some(start) = cur.meta.partitions.get(&(t, p)).map(|s| s.start_offset) {
                 let floor = pin.floor(t, p, start);
                 let records = cur.generation.records.range(batch::key(t, p, 0)..batch::key(t, p, floor));
-                if !delete_bounded(&cur.generation.records, &self.inner.files, records, max_keys, &mut deleted)? {
+                if !delete_bounded(&cur.generation.records, &self.inner, records, max_keys, &mut deleted)? {
                     return Ok(deleted);
                 }
                 if floor < start {
@@ -1377,7 +1379,7 @@ pub struct CompactionSummary {
 /// through all of them (false: the budget ran out first).
 fn delete_bounded(
     tree: &sled::Tree,
-    files: &BatchFiles,
+    store: &Inner,
     records: sled::Iter,
     max_keys: usize,
     deleted: &mut usize,
@@ -1399,9 +1401,15 @@ fn delete_bounded(
         *deleted += 1;
     }
     tree.apply_batch(batch)?;
-    // Only after the references are gone: a file is unlinked once nothing names it.
-    for r in &released {
-        files.release(r)?;
+    // Only after the references are gone: a file is unlinked once nothing names it, and no reader
+    // that found one of them before (a fetch that began before a deletion or retention cut) is
+    // still between finding it and reading it.
+    if !released.is_empty() {
+        let emptied = {
+            let _no_readers = store.relocation.write().map_err(lock_err)?;
+            store.files.release_keeping_files(released.iter())?
+        };
+        store.files.unlink_released(&emptied)?;
     }
     Ok(exhausted)
 }
@@ -2813,6 +2821,32 @@ mod tests {
         assert!(summary.files >= 2, "{summary:?}");
         assert!(before.iter().filter(|p| !p.exists()).count() == summary.files);
         assert_eq!(values(&store, "keep"), kept);
+    }
+
+    /// The same for reclaim: a fetch that found a deleted topic's references before the deletion
+    /// reads them whole; the files go once it is done.
+    #[test]
+    fn reclaim_keeps_emptied_files_until_readers_that_may_name_them_are_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store_with(dir.path(), &small_files());
+        create(&store, "gone", 0);
+        for _ in 0..20 {
+            produce(&store, "gone", 0, &["f".repeat(900).as_str()], 1);
+        }
+        store.apply(&[Some(&Command::DeleteTopic { name: name("gone") })], Bytes::from_static(b"3")).unwrap();
+        let before = batch_file_paths(dir.path());
+        assert!(before.len() >= 2);
+        let reading = store.inner.relocation.read().unwrap();
+        let reclaim = {
+            let store = store.clone();
+            std::thread::spawn(move || store.reclaim(1000).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!reclaim.is_finished(), "reclaim waits for the reader");
+        assert!(before.iter().all(|p| p.exists()), "no file goes while a reader may still name it");
+        drop(reading);
+        assert_eq!(reclaim.join().unwrap(), 20);
+        assert!(before.iter().all(|p| !p.exists()), "then they all go");
     }
 
     /// Readers never see a reference whose file compaction released, nor a wrong value.
