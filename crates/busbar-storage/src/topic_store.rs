@@ -1281,6 +1281,11 @@ impl TopicStore {
             });
             let stored = match checked {
                 Ok(stored) => stored,
+                Err(_) if self.current()?.generation.id != cur.generation.id => {
+                    // An install replaced this generation and reclaim dropped its files: nothing
+                    // is damaged, the round is moot (the swap gives it up).
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(
                         error = %e,
