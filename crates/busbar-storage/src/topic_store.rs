@@ -253,6 +253,9 @@ struct Inner {
     compacted: Mutex<CompactionSummary>,
     /// Batch files compaction found a damaged batch in: left alone until the store is reopened.
     unmovable: Mutex<BTreeSet<u64>>,
+    /// Test hook: a compaction round stops dead at this step, as a crash there would leave it.
+    #[cfg(test)]
+    compaction_crash: Mutex<Option<CompactionStep>>,
     /// Applies whose writes wait for a shared transaction. Changed only under `apply_lock` (or by
     /// `Drop`, when nothing else holds the store).
     deferred: Mutex<Deferred>,
@@ -437,6 +440,8 @@ impl TopicStore {
                 compacting: Mutex::new(()),
                 compacted: Mutex::new(CompactionSummary::default()),
                 unmovable: Mutex::new(BTreeSet::new()),
+                #[cfg(test)]
+                compaction_crash: Mutex::new(None),
                 deferred: Mutex::new(Deferred::default()),
                 uncommitted_refs: RwLock::new(UncommittedRefs { generation: gen_id, refs: BTreeMap::new() }),
                 lost: Mutex::new(lost),
@@ -1195,6 +1200,10 @@ impl TopicStore {
         if moves.is_empty() {
             return Ok(CompactionSummary::default());
         }
+        #[cfg(test)]
+        if *self.inner.compaction_crash.lock().map_err(lock_err)? == Some(CompactionStep::Copied) {
+            return Ok(CompactionSummary::default());
+        }
         // Reclaim (which deletes references) and exports (which stream references read earlier)
         // stay out from here until the old files are released.
         let Some(_exclusive) = self.hold_off_reclaim_and_exports(COMPACT_SWAP_WAIT)? else {
@@ -1226,6 +1235,10 @@ impl TopicStore {
         // The new references durable before the old files go: after a power loss sled must not
         // name a file that was unlinked.
         self.sync_committed()?;
+        #[cfg(test)]
+        if *self.inner.compaction_crash.lock().map_err(lock_err)? == Some(CompactionStep::Swapped) {
+            return Ok(CompactionSummary::default());
+        }
         let emptied = {
             // No reader is between looking a reference up and reading it; the ones that come later
             // find the new references.
@@ -1356,6 +1369,16 @@ pub const COMPACT_MAX_LIVE_PERCENT: u64 = 50;
 /// Batches one compaction round moves at most (it keeps a few hundred bytes per batch in memory
 /// until the swap). A file of tiny batches takes several rounds.
 const COMPACT_MAX_BATCHES: usize = 65_536;
+
+/// Where a test makes a compaction round stop as if the process died there.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CompactionStep {
+    /// The copies written and synced, no reference to them yet.
+    Copied,
+    /// The references swapped and durable, the old files not released yet.
+    Swapped,
+}
 
 /// How long a compaction round waits for a running snapshot export before it gives up its copies.
 const COMPACT_SWAP_WAIT: Duration = Duration::from_secs(5);
@@ -2768,6 +2791,43 @@ mod tests {
         assert_eq!(values(&store, "keep"), kept);
         produce(&store, "keep", 0, &["after"], 4);
         assert_eq!(values(&store, "keep").last().map(String::as_str), Some("after"));
+    }
+
+    /// A process that dies in the middle of a round loses nothing: at open, whichever side of the
+    /// swap it died on, the files nothing references go and every record reads back.
+    #[test]
+    fn a_compaction_cut_short_by_a_crash_leaves_a_whole_store_and_no_leftover_files() {
+        for step in [CompactionStep::Copied, CompactionStep::Swapped] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open_store_with(dir.path(), &small_files());
+            create(&store, "keep", 0);
+            let kept = interleave_then_delete(&store, "bulk", "keep", "k", 48);
+            let before = batch_file_paths(dir.path());
+            *store.inner.compaction_crash.lock().unwrap() = Some(step);
+            store.compact(u64::MAX).unwrap();
+            let after_round = batch_file_paths(dir.path());
+            assert_eq!(after_round.len(), before.len() + 1, "{step:?}: the copies' file, nothing unlinked yet");
+            drop(store);
+
+            let store = open_store_with(dir.path(), &small_files());
+            assert!(store.lost_data().unwrap().is_none(), "{step:?}");
+            assert_eq!(values(&store, "keep"), kept, "{step:?}");
+            let reopened = batch_file_paths(dir.path());
+            let copies: Vec<_> = after_round.iter().filter(|p| !before.contains(p)).collect();
+            match step {
+                // Nothing names the copies: they go, the old files stay (and compact again).
+                CompactionStep::Copied => {
+                    assert_eq!(reopened, before, "{step:?}");
+                    assert!(store.compact(u64::MAX).unwrap().files > 0);
+                    assert_eq!(values(&store, "keep"), kept);
+                }
+                // The references name the copies: the old sparse files go.
+                CompactionStep::Swapped => {
+                    assert!(copies.iter().all(|p| reopened.contains(p)), "{step:?}");
+                    assert!(reopened.len() <= 3, "{step:?}: {} files left", reopened.len());
+                }
+            }
+        }
     }
 
     /// A damaged batch is reported, not copied: its file stays (readers report it), later rounds
