@@ -17,8 +17,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use busbar_benches::{bench_root, fmt_num, random_bytes, utc_now, CpuSample, Table};
+use anyhow::{bail, Result};
+use busbar_benches::{bench_root, bench_scale, fmt_num, random_bytes, utc_now, CpuSample, Table};
 use busbar_storage::{TopicStore, TopicStoreOptions};
 use busbar_types::{Command, CommandResponse, Record, RecordBatch, TopicName};
 use bytes::Bytes;
@@ -29,17 +29,6 @@ const RECORDS_PER_BATCH: usize = 64;
 const RECORD_BYTES: usize = 1024;
 /// Live batch bytes per compaction round, as the node's reclaimer uses.
 const ROUND_BYTES: u64 = 256 << 20;
-
-fn scale() -> Result<f64> {
-    let scale = match std::env::var("BENCH_SCALE") {
-        Ok(s) => s.trim().parse::<f64>().with_context(|| format!("BENCH_SCALE={s:?} is not a number"))?,
-        Err(_) => 1.0,
-    };
-    if !(scale.is_finite() && scale > 0.0 && scale <= 100.0) {
-        bail!("BENCH_SCALE must be in (0, 100], got {scale}");
-    }
-    Ok(scale)
-}
 
 fn batch(seed: u64) -> Result<RecordBatch> {
     let records: Vec<Record> = (0..RECORDS_PER_BATCH)
@@ -63,7 +52,7 @@ fn apply(store: &TopicStore, cmd: &Command, pos: &mut u64) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let scale = scale()?;
+    let scale = bench_scale()?;
     let root = bench_root()?;
     std::fs::create_dir_all(&root)?;
     let tmp = tempfile::Builder::new().prefix("busbar-bench-compaction-").tempdir_in(&root)?;

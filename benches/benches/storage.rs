@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use busbar_benches::{
-    bench_root, filesystem_of, fmt_num, is_memory_fs, percentile, random_bytes, utc_now, CpuSample, Table,
+    bench_root, bench_scale, filesystem_of, fmt_num, is_memory_fs, percentile, random_bytes, utc_now, CpuSample, Table,
 };
 use busbar_storage::wal::{Wal, WalOptions};
 use busbar_storage::{TopicStore, TopicStoreOptions};
@@ -42,13 +42,7 @@ struct Config {
 
 impl Config {
     fn from_env() -> Result<Config> {
-        let scale = match std::env::var("BENCH_SCALE") {
-            Ok(s) => s.trim().parse::<f64>().with_context(|| format!("BENCH_SCALE={s:?} is not a number"))?,
-            Err(_) => 1.0,
-        };
-        if !(scale.is_finite() && scale > 0.0 && scale <= 100.0) {
-            bail!("BENCH_SCALE must be in (0, 100], got {scale}");
-        }
+        let scale = bench_scale()?;
         let threads = match std::env::var("BENCH_THREADS") {
             Ok(s) => s.trim().parse::<usize>().with_context(|| format!("BENCH_THREADS={s:?}"))?,
             Err(_) => 4,

@@ -67,6 +67,19 @@ fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
+/// `BENCH_SCALE` (default 1), which every long bench multiplies its sizes and durations by: a
+/// finite number in (0, 100].
+pub fn bench_scale() -> io::Result<f64> {
+    let scale = match std::env::var("BENCH_SCALE") {
+        Ok(s) => s.trim().parse::<f64>().map_err(|_| bad(&format!("BENCH_SCALE={s:?} is not a number")))?,
+        Err(_) => 1.0,
+    };
+    if !(scale.is_finite() && scale > 0.0 && scale <= 100.0) {
+        return Err(bad(&format!("BENCH_SCALE must be in (0, 100], got {scale}")));
+    }
+    Ok(scale)
+}
+
 /// Where benches put their files: `$BENCH_DIR` if set, else the cargo target directory the running bench
 /// binary was built into. That is on the repository's disk, which is what we want to measure; `/tmp` may be
 /// a tmpfs, where fdatasync costs nothing.
