@@ -428,16 +428,22 @@ impl BatchFiles {
 
     /// Unlinks every file of `generation` (replaced by a snapshot install, or a failed one).
     pub fn drop_generation(&self, generation: u64) -> Result<(), StoreError> {
+        let gone = self.forget_generation(generation)?;
+        self.unlink_released(&gone)
+    }
+
+    /// Forgets every file of `generation` (no reader finds them from now on) and returns them, for
+    /// [`unlink_released`](Self::unlink_released) once readers may go on.
+    pub fn forget_generation(&self, generation: u64) -> Result<Vec<u64>, StoreError> {
         let mut st = self.state.lock().map_err(lock_err)?;
         let gone: Vec<u64> =
             st.files.iter().filter(|(_, f)| f.generation == Some(generation)).map(|(seq, _)| *seq).collect();
         st.active.retain(|(g, _), _| *g != generation);
-        for seq in gone {
-            st.files.remove(&seq);
-            st.dirty.remove(&seq);
-            self.unlink(&mut st, seq)?;
+        for seq in &gone {
+            st.files.remove(seq);
+            st.dirty.remove(seq);
         }
-        Ok(())
+        Ok(gone)
     }
 
     /// Makes every byte whose append has completed durable (fdatasync of each file written since the

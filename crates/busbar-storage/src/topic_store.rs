@@ -685,9 +685,40 @@ impl TopicStore {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<FetchResult, StoreError> {
-        // Held until the bytes are read: compaction may replace a reference found below, but not
-        // release the file it names meanwhile.
+        // Held until the bytes are read: compaction and reclaim may replace or delete a reference
+        // found below, but not release the file it names meanwhile.
         let _stable = self.inner.relocation.read().map_err(lock_err)?;
+        self.read_stable(topic, partition, offset, max_records, max_bytes)
+    }
+
+    /// [`read`](Self::read), unless that would wait: `None` while compaction or reclaim is
+    /// releasing files (or waiting to, behind a long read). For callers on an async runtime, which
+    /// must not block a worker thread; they read on a blocking thread instead.
+    pub fn try_read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Option<Result<FetchResult, StoreError>> {
+        let _stable = match self.inner.relocation.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::WouldBlock) => return None,
+            Err(TryLockError::Poisoned(_)) => return Some(Err(lock_err(()))),
+        };
+        Some(self.read_stable(topic, partition, offset, max_records, max_bytes))
+    }
+
+    /// The body of [`read`](Self::read); the caller holds `relocation` shared.
+    fn read_stable(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<FetchResult, StoreError> {
         let cur = self.current()?;
         let t = find_topic(&cur.meta, topic, partition)?;
         let state = cur.meta.partitions.get(&(t.id, partition)).copied().unwrap_or_default();
@@ -954,12 +985,15 @@ impl TopicStore {
         };
         let retired: Vec<u64> = std::mem::take(&mut *self.inner.retired.lock().map_err(lock_err)?);
         for gen in retired {
-            let (m, r) = tree_names(gen);
-            self.inner.db.drop_tree(m.as_bytes())?;
-            self.inner.db.drop_tree(r.as_bytes())?;
-            // A reader may still hold the replaced generation's references.
-            let _no_readers = self.inner.relocation.write().map_err(lock_err)?;
-            self.inner.files.drop_generation(gen)?;
+            let gone = {
+                // A reader may still be in the replaced generation (its trees and its files).
+                let _no_readers = self.inner.relocation.write().map_err(lock_err)?;
+                let (m, r) = tree_names(gen);
+                self.inner.db.drop_tree(m.as_bytes())?;
+                self.inner.db.drop_tree(r.as_bytes())?;
+                self.inner.files.forget_generation(gen)?
+            };
+            self.inner.files.unlink_released(&gone)?;
         }
         // The state first, then the pin: a manifest captured after this read names nothing below the
         // start offsets read here, nor a topic already deleted here.
@@ -1158,6 +1192,11 @@ impl TopicStore {
     /// deleted some), and releases the old ones once no reader can be holding them.
     pub fn compact(&self, max_move_bytes: u64) -> Result<CompactionSummary, StoreError> {
         let _one = self.inner.compacting.lock().map_err(lock_err)?;
+        if matches!(self.inner.export_guard.try_write(), Err(TryLockError::WouldBlock)) {
+            // A snapshot streams to a follower (up to minutes): copying now would likely be for
+            // nothing, as the swap waits for it only `COMPACT_SWAP_WAIT`.
+            return Ok(CompactionSummary::default());
+        }
         let files = &self.inner.files;
         // Every reference into a closed file is in sled from here on: apply adds references only to
         // its active file, and a closed file never becomes active again.
@@ -1210,28 +1249,27 @@ impl TopicStore {
             forget(&moves);
             return Ok(CompactionSummary::default());
         };
-        let swapped = {
-            let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
-            let now = self.current()?;
-            if now.generation.id != generation {
-                // An install replaced the generation; its files go with it.
-                forget(&moves);
-                return Ok(CompactionSummary::default());
-            }
-            let mut swap = sled::Batch::default();
-            let mut swapped = Vec::with_capacity(moves.len());
-            for m in moves {
-                // Apply only adds references; reclaim may have deleted this one while we copied.
-                if now.generation.records.get(&m.key)?.as_ref() == Some(&m.old_value) {
-                    swap.insert(m.key.clone(), m.new.encode()?);
-                    swapped.push(m);
-                } else {
-                    let _ = files.release(&m.new);
+        // In chunks, each under the apply lock, so apply is held up for a few thousand keys at a
+        // time, not a whole round. A failed chunk forgets its copies and those not swapped yet;
+        // the ones swapped before keep their (correct) references, and their old files stay until
+        // the next open.
+        let mut swapped: Vec<Move> = Vec::with_capacity(moves.len());
+        let mut pending = moves.into_iter().peekable();
+        while pending.peek().is_some() {
+            let chunk: Vec<Move> = pending.by_ref().take(COMPACT_SWAP_CHUNK).collect();
+            match self.swap_references(generation, chunk) {
+                Ok(Some(done)) => swapped.extend(done),
+                outcome => {
+                    forget(&pending.collect::<Vec<_>>());
+                    if !swapped.is_empty() {
+                        // What was swapped must be durable before the next open trusts it; the
+                        // old files stay (their counts were never released).
+                        self.sync_committed()?;
+                    }
+                    return outcome.map(|_| CompactionSummary::default());
                 }
             }
-            now.generation.records.apply_batch(swap)?;
-            swapped
-        };
+        }
         // The new references durable before the old files go: after a power loss sled must not
         // name a file that was unlinked.
         self.sync_committed()?;
@@ -1266,6 +1304,66 @@ impl TopicStore {
         Ok(summary)
     }
 
+    /// Points the references of `chunk` at their copies, those that did not change since they were
+    /// copied (reclaim may have deleted some), in one sled batch under the apply lock; forgets the
+    /// other copies. Returns the moves swapped, or `None` (every copy forgotten) if an install
+    /// replaced `generation` meanwhile. On an error every copy of the chunk is forgotten.
+    fn swap_references(&self, generation: u64, chunk: Vec<Move>) -> Result<Option<Vec<Move>>, StoreError> {
+        let files = &self.inner.files;
+        let forget = |moves: &[Move]| {
+            for m in moves {
+                let _ = files.release(&m.new);
+            }
+        };
+        let _apply = match self.inner.apply_lock.lock() {
+            Ok(g) => g,
+            Err(_) => {
+                forget(&chunk);
+                return Err(lock_err(()));
+            }
+        };
+        let result = (|| -> Result<Option<Vec<bool>>, StoreError> {
+            let now = self.current()?;
+            if now.generation.id != generation {
+                // An install replaced the generation; its files go with it.
+                return Ok(None);
+            }
+            let mut swap = sled::Batch::default();
+            let mut unchanged = Vec::with_capacity(chunk.len());
+            for m in &chunk {
+                // Apply only adds references; reclaim may have deleted this one while we copied.
+                let same = now.generation.records.get(&m.key)?.as_ref() == Some(&m.old_value);
+                if same {
+                    swap.insert(m.key.clone(), m.new.encode()?);
+                }
+                unchanged.push(same);
+            }
+            now.generation.records.apply_batch(swap)?;
+            Ok(Some(unchanged))
+        })();
+        match result {
+            Ok(Some(unchanged)) => {
+                let mut done = Vec::with_capacity(chunk.len());
+                for (m, same) in chunk.into_iter().zip(unchanged) {
+                    if same {
+                        done.push(m);
+                    } else {
+                        let _ = files.release(&m.new);
+                    }
+                }
+                Ok(Some(done))
+            }
+            Ok(None) => {
+                forget(&chunk);
+                Ok(None)
+            }
+            Err(e) => {
+                forget(&chunk);
+                Err(e)
+            }
+        }
+    }
+
     /// Copies every batch that a committed reference names in a `chosen` file into the compaction
     /// lane, checked first, and fdatasyncs the copies. A file holding a damaged batch leaves
     /// `chosen` (and its copies are forgotten) and is remembered as unmovable.
@@ -1298,6 +1396,11 @@ impl TopicStore {
                     // An install replaced this generation and reclaim dropped its files: nothing
                     // is damaged, the round is moot (the swap gives it up).
                     break;
+                }
+                Err(_) if cur.generation.records.get(&key)?.as_ref() != Some(&old_value) => {
+                    // Reclaim deleted it (and perhaps its file) since the scan found it: nothing
+                    // to copy, nothing damaged.
+                    continue;
                 }
                 Err(e) => {
                     tracing::error!(
@@ -1379,6 +1482,9 @@ enum CompactionStep {
     /// The references swapped and durable, the old files not released yet.
     Swapped,
 }
+
+/// References one compaction swap changes under the apply lock.
+const COMPACT_SWAP_CHUNK: usize = 4096;
 
 /// How long a compaction round waits for a running snapshot export before it gives up its copies.
 const COMPACT_SWAP_WAIT: Duration = Duration::from_secs(5);
@@ -2886,6 +2992,21 @@ mod tests {
         assert!(summary.files >= 2, "{summary:?}");
         assert!(before.iter().filter(|p| !p.exists()).count() == summary.files);
         assert_eq!(values(&store, "keep"), kept);
+    }
+
+    /// A caller on an async runtime is told to read elsewhere instead of waiting while files are
+    /// being released (`try_read` is `None`), and reads as usual otherwise.
+    #[test]
+    fn try_read_never_waits_for_files_being_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        create(&store, "t", 0);
+        produce(&store, "t", 0, &["a", "b"], 1);
+        let releasing = store.inner.relocation.write().unwrap();
+        assert!(store.try_read("t", 0, 0, 10, 1 << 20).is_none());
+        drop(releasing);
+        let got = store.try_read("t", 0, 0, 10, 1 << 20).expect("nothing is being released").unwrap();
+        assert_eq!(got.records.len(), 2);
     }
 
     /// The same for reclaim: a fetch that found a deleted topic's references before the deletion
