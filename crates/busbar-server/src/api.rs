@@ -166,14 +166,17 @@ impl Inner {
         let store = self.node.store.clone();
         let near_end =
             store.end_offset(&topic, partition).is_ok_and(|end| offset.saturating_add(INLINE_READ_TAIL) >= end);
-        let res = if near_end {
-            // Short (a fetch may return fewer bytes than asked; the client asks again), so one
-            // inline read stays a bounded memcpy.
-            store.read(&topic, partition, offset, max_records, max_bytes.min(INLINE_READ_BYTES))
-        } else {
-            tokio::task::spawn_blocking(move || store.read(&topic, partition, offset, max_records, max_bytes))
+        // Short (a fetch may return fewer bytes than asked; the client asks again), so one inline
+        // read stays a bounded memcpy. Never waits on this worker thread: while the store releases
+        // files (compaction, reclaim), the read goes to a blocking thread like any other.
+        let inline = near_end
+            .then(|| store.try_read(&topic, partition, offset, max_records, max_bytes.min(INLINE_READ_BYTES)))
+            .flatten();
+        let res = match inline {
+            Some(res) => res,
+            None => tokio::task::spawn_blocking(move || store.read(&topic, partition, offset, max_records, max_bytes))
                 .await
-                .map_err(|e| api(ErrorCode::UnknownServerError, format!("read task failed: {e}")))?
+                .map_err(|e| api(ErrorCode::UnknownServerError, format!("read task failed: {e}")))?,
         };
         res.map_err(|e| error::status(error::from_store(e)))
     }
