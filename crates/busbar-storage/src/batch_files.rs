@@ -328,16 +328,8 @@ impl BatchFiles {
     /// for references no reader can have found (a copy never published); the store releases
     /// published ones with [`release_keeping_files`](Self::release_keeping_files).
     pub fn release(&self, r: &BatchRef) -> Result<(), StoreError> {
-        let seq = r.file;
-        let mut st = self.state.lock().map_err(lock_err)?;
-        if let Some(f) = st.files.get_mut(&seq) {
-            f.live = f.live.saturating_sub(1);
-            f.live_bytes = f.live_bytes.saturating_sub(u64::from(r.len));
-        }
-        if st.files.get(&seq).is_some_and(|f| f.live == 0) {
-            st.active.retain(|_, a| *a != seq);
-        }
-        self.unlink_if_dead(&mut st, seq)
+        let dead = self.release_keeping_files(std::iter::once(r))?;
+        self.unlink_released(&dead)
     }
 
     /// Counts the references `refs` fewer, like [`release`](Self::release), but of the files left
@@ -369,6 +361,9 @@ impl BatchFiles {
     /// Unlinks files [`release_keeping_files`](Self::release_keeping_files) forgot, without holding
     /// the lock readers take to find a file (unlinking a 64 MiB file can take milliseconds).
     pub fn unlink_released(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
         let mut result = Ok(());
         for seq in seqs {
             let path = self.path(*seq);

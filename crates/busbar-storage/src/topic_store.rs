@@ -1226,14 +1226,9 @@ impl TopicStore {
             return Ok(CompactionSummary::default());
         }
         let mut moves: Vec<Move> = Vec::new();
-        let forget = |moves: &[Move]| {
-            for m in moves {
-                let _ = files.release(&m.new);
-            }
-        };
         let copied = self.copy_live_batches(&cur, &mut chosen, &mut moves);
         if let Err(e) = copied {
-            forget(&moves);
+            self.forget_copies(&moves);
             return Err(e);
         }
         if moves.is_empty() {
@@ -1246,7 +1241,7 @@ impl TopicStore {
         // Reclaim (which deletes references) and exports (which stream references read earlier)
         // stay out from here until the old files are released.
         let Some(_exclusive) = self.hold_off_reclaim_and_exports(COMPACT_SWAP_WAIT)? else {
-            forget(&moves);
+            self.forget_copies(&moves);
             return Ok(CompactionSummary::default());
         };
         // In chunks, each under the apply lock, so apply is held up for a few thousand keys at a
@@ -1260,7 +1255,7 @@ impl TopicStore {
             match self.swap_references(generation, chunk) {
                 Ok(Some(done)) => swapped.extend(done),
                 outcome => {
-                    forget(&pending.collect::<Vec<_>>());
+                    self.forget_copies(&pending.collect::<Vec<_>>());
                     if !swapped.is_empty() {
                         // What was swapped must be durable before the next open trusts it; the
                         // old files stay (their counts were never released).
@@ -1304,21 +1299,25 @@ impl TopicStore {
         Ok(summary)
     }
 
+    /// Gives back the copies of `moves` that no reference names (a round given up, or its swap
+    /// failed): their file goes once nothing in it is referenced. Best effort: a count left high
+    /// only keeps a file until the next open.
+    fn forget_copies(&self, moves: &[Move]) {
+        for m in moves {
+            let _ = self.inner.files.release(&m.new);
+        }
+    }
+
     /// Points the references of `chunk` at their copies, those that did not change since they were
     /// copied (reclaim may have deleted some), in one sled batch under the apply lock; forgets the
     /// other copies. Returns the moves swapped, or `None` (every copy forgotten) if an install
     /// replaced `generation` meanwhile. On an error every copy of the chunk is forgotten.
     fn swap_references(&self, generation: u64, chunk: Vec<Move>) -> Result<Option<Vec<Move>>, StoreError> {
         let files = &self.inner.files;
-        let forget = |moves: &[Move]| {
-            for m in moves {
-                let _ = files.release(&m.new);
-            }
-        };
         let _apply = match self.inner.apply_lock.lock() {
             Ok(g) => g,
             Err(_) => {
-                forget(&chunk);
+                self.forget_copies(&chunk);
                 return Err(lock_err(()));
             }
         };
@@ -1354,11 +1353,11 @@ impl TopicStore {
                 Ok(Some(done))
             }
             Ok(None) => {
-                forget(&chunk);
+                self.forget_copies(&chunk);
                 Ok(None)
             }
             Err(e) => {
-                forget(&chunk);
+                self.forget_copies(&chunk);
                 Err(e)
             }
         }
