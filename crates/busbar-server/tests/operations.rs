@@ -456,10 +456,18 @@ async fn auto_membership_joins_leaves_on_graceful_stop_and_rejoins() -> Res<()> 
     // Leaving while leading: node 4 takes the lead, then stops; the others elect a leader and the
     // membership is back to the initial voters.
     let raft4 = nodes[&4].handle()?.node.raft.clone();
-    // Taking the lead is an election node 4 starts and may lose to another node's (the old leader's
-    // followers time out too once it steps down); it retries until it wins. Failed once in 35 runs
-    // of this binary at 30 s (in ci-local, on a loaded machine), so allow a minute.
-    until("node 4 to lead", Duration::from_secs(60), || {
+    // Taking the lead is an election node 4 starts. Its first tries are refused while the others
+    // hold the leader's lease, but its higher term deposes that leader. If nodes 1-3 were free to
+    // elect meanwhile, one of them could win at a lower term with node 4 refusing its entries:
+    // node 4's log then falls behind and it can never win, and each of its retries deposes the
+    // next leader (this livelock failed the test for a minute at a time on a loaded machine).
+    // So nodes 1-3 do not start elections until node 4 leads.
+    let initial: Vec<_> =
+        [1, 2, 3].iter().map(|id| nodes[id].handle().map(|h| h.node.raft.clone())).collect::<Result<_, _>>()?;
+    for raft in &initial {
+        raft.runtime_config().elect(false);
+    }
+    until("node 4 to lead", Duration::from_secs(30), || {
         let raft4 = raft4.clone();
         async move {
             if raft4.metrics().borrow().state == openraft::ServerState::Leader {
@@ -471,6 +479,9 @@ async fn auto_membership_joins_leaves_on_graceful_stop_and_rejoins() -> Res<()> 
         }
     })
     .await?;
+    for raft in &initial {
+        raft.runtime_config().elect(true);
+    }
     nodes.get_mut(&4).ok_or_else(|| anyhow::anyhow!("no node 4"))?.stop().await;
     wait_voters(&nodes, 1, &[1, 2, 3]).await?;
     let rest: BTreeMap<NodeId, Node> = nodes.into_iter().filter(|(id, _)| *id != 4).collect();
