@@ -4,14 +4,15 @@
 //! ```text
 //! cargo bench -p busbar-benches --bench compaction                   # 1 GiB written, about 30 s
 //! BENCH_SCALE=0.1 cargo bench -p busbar-benches --bench compaction   # smoke run
+//! BENCH_KEEP=5/8 cargo bench -p busbar-benches --bench compaction    # files 62% live
 //! ```
 //!
 //! Two topics of one partition take batches of 64 records of 1 KiB in turn: `bulk` nine of every
-//! ten, `keep` the tenth, so every 64 MiB batch file holds both (as in a cluster where a busy,
-//! short-retained topic shares the node with a quiet, long-retained one). Then `bulk` is deleted and
-//! reclaimed. Without compaction nothing is freed: each file still holds `keep` batches. The bench
-//! then runs compaction rounds (the node's reclaimer runs one every 10 s while sparse files are
-//! left) until none is left, and reads `keep` back whole.
+//! ten, `keep` the tenth (`BENCH_KEEP`, default `1/10`), so every 64 MiB batch file holds both (as in
+//! a cluster where a busy, short-retained topic shares the node with a quiet, long-retained one).
+//! Then `bulk` is deleted and reclaimed. Without compaction nothing is freed: each file still holds
+//! `keep` batches. The bench then runs compaction rounds (the node's reclaimer runs one every 10 s
+//! while there is work) until one finds nothing to do, and reads `keep` back whole.
 //!
 //! `BENCH_DIR` chooses the directory, as for the storage bench (never a tmpfs: sync costs matter).
 
@@ -51,8 +52,20 @@ fn apply(store: &TopicStore, cmd: &Command, pos: &mut u64) -> Result<()> {
     Ok(())
 }
 
+/// `BENCH_KEEP=K/N`: `keep` takes K of every N batches.
+fn keep_share() -> Result<(u64, u64)> {
+    let Ok(v) = std::env::var("BENCH_KEEP") else { return Ok((1, 10)) };
+    let parsed =
+        v.split_once('/').and_then(|(k, n)| Some((k.trim().parse::<u64>().ok()?, n.trim().parse::<u64>().ok()?)));
+    match parsed {
+        Some((k, n)) if 0 < k && k < n => Ok((k, n)),
+        _ => bail!("BENCH_KEEP must be K/N with 0 < K < N (K of every N batches kept), not {v:?}"),
+    }
+}
+
 fn main() -> Result<()> {
     let scale = bench_scale()?;
+    let (keep_k, keep_n) = keep_share()?;
     let root = bench_root()?;
     std::fs::create_dir_all(&root)?;
     let tmp = tempfile::Builder::new().prefix("busbar-bench-compaction-").tempdir_in(&root)?;
@@ -65,12 +78,12 @@ fn main() -> Result<()> {
     }
     let total = (1024.0 * scale * MIB as f64) as u64;
     let per_batch = (RECORDS_PER_BATCH * RECORD_BYTES) as u64;
-    let batches = (total / per_batch).max(10);
+    let batches = (total / per_batch).max(keep_n);
     let samples = [batch(1)?, batch(2)?];
     let mut kept_records = 0u64;
     let write_start = Instant::now();
     for i in 0..batches {
-        let to_keep = i % 10 == 9;
+        let to_keep = i % keep_n >= keep_n - keep_k;
         let cmd = Command::Produce {
             topic: if to_keep { keep.clone() } else { bulk.clone() },
             partition: 0,
@@ -131,7 +144,7 @@ fn main() -> Result<()> {
     println!();
     println!("busbar compaction bench, {}", utc_now());
     println!(
-        "dir {}, BENCH_SCALE={scale}: {batches} batches of {RECORDS_PER_BATCH} x {RECORD_BYTES} B written in {write_secs:.1} s, 1 in 10 to keep ({:.1} MB live)",
+        "dir {}, BENCH_SCALE={scale}: {batches} batches of {RECORDS_PER_BATCH} x {RECORD_BYTES} B written in {write_secs:.1} s, {keep_k} in {keep_n} to keep ({:.1} MB live)",
         tmp.path().display(),
         live_payload as f64 / MB
     );

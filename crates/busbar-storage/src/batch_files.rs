@@ -13,7 +13,7 @@
 //! restart nothing is appended to an existing file: a torn tail stays dead space.
 //!
 //! Files interleave the batches of every partition, so one batch still retained keeps its whole file.
-//! Each file therefore counts the bytes its references name ([`BatchFiles::sparse_files`]), and the
+//! Each file therefore counts the bytes its references name ([`BatchFiles::closed_files`]), and the
 //! store's compaction copies the live batches of mostly dead files into a file of their own
 //! ([`Lane::Compaction`]) so that the old ones can go (`TopicStore::compact`).
 //!
@@ -487,23 +487,28 @@ impl BatchFiles {
         Ok(self.state.lock().map_err(lock_err)?.files.len())
     }
 
-    /// Files of `generation` closed for appends in which at most `max_live_percent` of the bytes are
-    /// still referenced (so copying what is live out of them frees the rest), emptiest first.
-    pub fn sparse_files(&self, generation: u64, max_live_percent: u64) -> Result<Vec<FileUse>, StoreError> {
+    /// The bytes of `generation`'s files, active ones too, and how many of them are still referenced.
+    pub fn generation_bytes(&self, generation: u64) -> Result<(u64, u64), StoreError> {
         let st = self.state.lock().map_err(lock_err)?;
-        let mut sparse: Vec<FileUse> = st
+        Ok(st
+            .files
+            .values()
+            .filter(|f| f.generation == Some(generation))
+            .fold((0, 0), |(held, live), f| (held + f.len, live + f.live_bytes)))
+    }
+
+    /// The files of `generation` closed for appends (the only ones compaction may empty), with how
+    /// much of each is still referenced, emptiest first.
+    pub fn closed_files(&self, generation: u64) -> Result<Vec<FileUse>, StoreError> {
+        let st = self.state.lock().map_err(lock_err)?;
+        let mut closed: Vec<FileUse> = st
             .files
             .iter()
-            .filter(|(seq, f)| {
-                f.generation == Some(generation)
-                    && f.len > 0
-                    && !st.active.values().any(|a| a == *seq)
-                    && u128::from(f.live_bytes) * 100 <= u128::from(f.len) * u128::from(max_live_percent)
-            })
+            .filter(|(seq, f)| f.generation == Some(generation) && f.len > 0 && !st.active.values().any(|a| a == *seq))
             .map(|(seq, f)| FileUse { seq: *seq, len: f.len, live_bytes: f.live_bytes })
             .collect();
-        sparse.sort_by_key(|f| (u128::from(f.live_bytes) << 64) / u128::from(f.len.max(1)));
-        Ok(sparse)
+        closed.sort_by_key(|f| (u128::from(f.live_bytes) << 64) / u128::from(f.len.max(1)));
+        Ok(closed)
     }
 }
 

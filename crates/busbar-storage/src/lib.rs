@@ -28,5 +28,5 @@ pub use error::StoreError;
 pub use snapshot_manifest::SnapshotManifest;
 pub use topic_store::{
     CompactionSummary, FetchResult, GroupPartitionView, GroupView, MemberView, PartitionOffsets, TopicInfo, TopicStore,
-    TopicStoreOptions, COMPACT_MAX_LIVE_PERCENT,
+    TopicStoreOptions, COMPACT_MAX_LIVE_PERCENT, COMPACT_MAX_SPACE_PERCENT,
 };
