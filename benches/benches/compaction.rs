@@ -5,6 +5,8 @@
 //! cargo bench -p busbar-benches --bench compaction                   # 1 GiB written, about 30 s
 //! BENCH_SCALE=0.1 cargo bench -p busbar-benches --bench compaction   # smoke run
 //! BENCH_KEEP=5/8 cargo bench -p busbar-benches --bench compaction    # files 62% live
+//! BENCH_SCALE=0.2 BENCH_BATCH=1x100 BENCH_KEEP=1/2 cargo bench -p busbar-benches --bench compaction
+//!     # 1M references of one-record batches: rounds look at a bounded stretch each
 //! ```
 //!
 //! Two topics of one partition take batches of 64 records of 1 KiB in turn: `bulk` nine of every
@@ -26,16 +28,25 @@ use bytes::Bytes;
 
 const MIB: u64 = 1 << 20;
 const MB: f64 = 1e6;
-const RECORDS_PER_BATCH: usize = 64;
-const RECORD_BYTES: usize = 1024;
 /// Live batch bytes per compaction round, as the node's reclaimer uses.
 const ROUND_BYTES: u64 = 256 << 20;
 
-fn batch(seed: u64) -> Result<RecordBatch> {
-    let records: Vec<Record> = (0..RECORDS_PER_BATCH)
+/// `BENCH_BATCH=RxB`: batches of R records of B bytes (default 64x1024).
+fn batch_shape() -> Result<(usize, usize)> {
+    let Ok(v) = std::env::var("BENCH_BATCH") else { return Ok((64, 1024)) };
+    let parsed =
+        v.split_once('x').and_then(|(r, b)| Some((r.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
+    match parsed {
+        Some((r, b)) if (1..=100_000).contains(&r) && (1..=1 << 20).contains(&b) => Ok((r, b)),
+        _ => bail!("BENCH_BATCH must be RxB (R records of B bytes per batch, R and B at least 1), not {v:?}"),
+    }
+}
+
+fn batch(seed: u64, records: usize, record_bytes: usize) -> Result<RecordBatch> {
+    let records: Vec<Record> = (0..records)
         .map(|i| Record {
             key: None,
-            value: Bytes::from(random_bytes(RECORD_BYTES, seed * 1_000 + i as u64)),
+            value: Bytes::from(random_bytes(record_bytes, seed * 1_000 + i as u64)),
             headers: vec![],
             timestamp_ms: 1_700_000_000_000,
         })
@@ -66,6 +77,7 @@ fn keep_share() -> Result<(u64, u64)> {
 fn main() -> Result<()> {
     let scale = bench_scale()?;
     let (keep_k, keep_n) = keep_share()?;
+    let (records_per_batch, record_bytes) = batch_shape()?;
     let root = bench_root()?;
     std::fs::create_dir_all(&root)?;
     let tmp = tempfile::Builder::new().prefix("busbar-bench-compaction-").tempdir_in(&root)?;
@@ -77,9 +89,9 @@ fn main() -> Result<()> {
         apply(&store, &create, &mut pos)?;
     }
     let total = (1024.0 * scale * MIB as f64) as u64;
-    let per_batch = (RECORDS_PER_BATCH * RECORD_BYTES) as u64;
+    let per_batch = (records_per_batch * record_bytes) as u64;
     let batches = (total / per_batch).max(keep_n);
-    let samples = [batch(1)?, batch(2)?];
+    let samples = [batch(1, records_per_batch, record_bytes)?, batch(2, records_per_batch, record_bytes)?];
     let mut kept_records = 0u64;
     let write_start = Instant::now();
     for i in 0..batches {
@@ -91,11 +103,11 @@ fn main() -> Result<()> {
             producer: None,
         };
         apply(&store, &cmd, &mut pos)?;
-        kept_records += if to_keep { RECORDS_PER_BATCH as u64 } else { 0 };
+        kept_records += if to_keep { records_per_batch as u64 } else { 0 };
     }
     store.flush_durable()?;
     let write_secs = write_start.elapsed().as_secs_f64();
-    let live_payload = kept_records * RECORD_BYTES as u64;
+    let live_payload = kept_records * record_bytes as u64;
     let written = store.size_on_disk()?;
 
     apply(&store, &Command::DeleteTopic { name: bulk.clone() }, &mut pos)?;
@@ -110,7 +122,7 @@ fn main() -> Result<()> {
     loop {
         let t = Instant::now();
         let s = store.compact(ROUND_BYTES)?;
-        if s.batches == 0 {
+        if s.batches == 0 && !s.more {
             break;
         }
         round_secs.push(t.elapsed());
@@ -144,7 +156,7 @@ fn main() -> Result<()> {
     println!();
     println!("busbar compaction bench, {}", utc_now());
     println!(
-        "dir {}, BENCH_SCALE={scale}: {batches} batches of {RECORDS_PER_BATCH} x {RECORD_BYTES} B written in {write_secs:.1} s, {keep_k} in {keep_n} to keep ({:.1} MB live)",
+        "dir {}, BENCH_SCALE={scale}: {batches} batches of {records_per_batch} x {record_bytes} B written in {write_secs:.1} s, {keep_k} in {keep_n} to keep ({:.1} MB live)",
         tmp.path().display(),
         live_payload as f64 / MB
     );

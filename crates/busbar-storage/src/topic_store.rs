@@ -162,6 +162,9 @@ pub struct TopicStoreOptions {
     /// A batch file is closed for appends at this size ([`crate::batch_files::FILE_BYTES`]; tests
     /// use small files to exercise rotation and compaction).
     pub batch_file_bytes: u64,
+    /// References one compaction round looks at, at most ([`COMPACT_SCAN_REFS`]); the next round
+    /// goes on from there. At least 1.
+    pub compact_scan_refs: usize,
 }
 
 impl TopicStoreOptions {
@@ -175,6 +178,7 @@ impl Default for TopicStoreOptions {
             cache_bytes: Self::DEFAULT_CACHE_BYTES,
             max_producer_states: DEFAULT_MAX_PRODUCER_STATES,
             batch_file_bytes: crate::batch_files::FILE_BYTES,
+            compact_scan_refs: COMPACT_SCAN_REFS,
         }
     }
 }
@@ -247,8 +251,11 @@ struct Inner {
     /// compaction takes it exclusively to release the files it emptied, so a reference a reader
     /// found before compaction replaced it still names a file that is there.
     relocation: RwLock<()>,
-    /// One compaction at a time (its lane has one appender).
-    compacting: Mutex<()>,
+    /// One compaction at a time (its lane has one appender), and where the next round's scan of the
+    /// references starts.
+    compacting: Mutex<ScanCursor>,
+    /// [`TopicStoreOptions::compact_scan_refs`].
+    compact_scan_refs: usize,
     /// What compaction did since open (a metric).
     compacted: Mutex<CompactionSummary>,
     /// Batch files compaction found a damaged batch in: left alone until the store is reopened.
@@ -437,7 +444,8 @@ impl TopicStore {
                 files,
                 flushing: Mutex::new(()),
                 relocation: RwLock::new(()),
-                compacting: Mutex::new(()),
+                compacting: Mutex::new(ScanCursor::default()),
+                compact_scan_refs: opts.compact_scan_refs.max(1),
                 compacted: Mutex::new(CompactionSummary::default()),
                 unmovable: Mutex::new(BTreeSet::new()),
                 #[cfg(test)]
@@ -1190,7 +1198,7 @@ impl TopicStore {
     /// the swap itself, replaces every reference that did not change meanwhile (reclaim may have
     /// deleted some), and releases the old ones once no reader can be holding them.
     pub fn compact(&self, max_move_bytes: u64) -> Result<CompactionSummary, StoreError> {
-        let _one = self.inner.compacting.lock().map_err(lock_err)?;
+        let mut cursor = self.inner.compacting.lock().map_err(lock_err)?;
         if matches!(self.inner.export_guard.try_write(), Err(TryLockError::WouldBlock)) {
             // A snapshot streams to a follower (up to minutes): copying now would likely be for
             // nothing, as the swap waits for it only `COMPACT_SWAP_WAIT`.
@@ -1221,13 +1229,15 @@ impl TopicStore {
             return Ok(CompactionSummary::default());
         }
         let mut moves: Vec<Move> = Vec::new();
-        let copied = self.copy_live_batches(&cur, &mut chosen, &mut moves);
-        if let Err(e) = copied {
-            self.forget_copies(&moves);
-            return Err(e);
-        }
+        let more = match self.copy_live_batches(&cur, &mut cursor, &mut chosen, &mut moves) {
+            Ok(more) => more,
+            Err(e) => {
+                self.forget_copies(&moves);
+                return Err(e);
+            }
+        };
         if moves.is_empty() {
-            return Ok(CompactionSummary::default());
+            return Ok(CompactionSummary { more, ..CompactionSummary::default() });
         }
         #[cfg(test)]
         if *self.inner.compaction_crash.lock().map_err(lock_err)? == Some(CompactionStep::Copied) {
@@ -1237,6 +1247,8 @@ impl TopicStore {
         // stay out from here until the old files are released.
         let Some(_exclusive) = self.hold_off_reclaim_and_exports(COMPACT_SWAP_WAIT)? else {
             self.forget_copies(&moves);
+            // This stretch of references is looked at again next round.
+            cursor.rewind(generation, &moves);
             return Ok(CompactionSummary::default());
         };
         // In chunks, each under the apply lock, so apply is held up for a few thousand keys at a
@@ -1276,6 +1288,7 @@ impl TopicStore {
         // Unlinked after readers may go on: they hold the files they already found open.
         files.unlink_released(&emptied)?;
         let mut summary = CompactionSummary {
+            more,
             batches: swapped.len() as u64,
             moved_bytes: swapped.iter().map(|m| u64::from(m.new.len)).sum(),
             ..CompactionSummary::default()
@@ -1359,17 +1372,27 @@ impl TopicStore {
     }
 
     /// Copies every batch that a committed reference names in a `chosen` file into the compaction
-    /// lane, checked first, and fdatasyncs the copies. A file holding a damaged batch leaves
+    /// lane, checked first, and fdatasyncs the copies. Looks at the references from `cursor` on, at
+    /// most `compact_scan_refs` of them, and leaves `cursor` where the next round goes on; `true`:
+    /// it stopped before the end (a round's scan is bounded however large the store).
+    /// A file holding a damaged batch leaves
     /// `chosen` (and its copies are forgotten) and is remembered as unmovable.
     fn copy_live_batches(
         &self,
         cur: &Current,
+        cursor: &mut ScanCursor,
         chosen: &mut BTreeMap<u64, FileUse>,
         moves: &mut Vec<Move>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let files = &self.inner.files;
-        for kv in cur.generation.records.iter() {
+        let start = cursor.start(cur.generation.id);
+        let mut stopped_at = None;
+        for (scanned, kv) in cur.generation.records.range(start..).enumerate() {
             let (key, old_value) = kv?;
+            if scanned >= self.inner.compact_scan_refs {
+                stopped_at = Some(key);
+                break;
+            }
             let what = || format!("batch key {key:?} (compaction)");
             // One that does not decode is left where it is, for a reader to report.
             let Ok(old) = BatchRef::decode(&what, &old_value) else { continue };
@@ -1377,7 +1400,8 @@ impl TopicStore {
                 continue;
             }
             if moves.len() >= COMPACT_MAX_BATCHES {
-                // Bounded memory per round; the rest of these files is sparser for the next.
+                // Bounded memory per round; the next round goes on from this one.
+                stopped_at = Some(key);
                 break;
             }
             let checked = files.read(&what, &old).and_then(|stored| match checked::open(&what, &stored) {
@@ -1417,11 +1441,14 @@ impl TopicStore {
             let new = files.store_in(Lane::Compaction, cur.generation.id, &what, &stored)?;
             moves.push(Move { key, old_value, old, new });
         }
+        let more = stopped_at.is_some();
+        *cursor = ScanCursor { generation: cur.generation.id, next: stopped_at };
         // The copies reach the disk before a reference to them can (sled flushes on its own). Under
         // `flushing`: a concurrent flush must not record these files as synced while the fdatasyncs
         // still run.
         let _flush = self.inner.flushing.lock().map_err(lock_err)?;
-        files.sync().map(drop)
+        files.sync()?;
+        Ok(more)
     }
 
     /// The export guard, exclusively: waits up to `wait` for a running export to finish. `None`: it
@@ -1504,6 +1531,40 @@ fn files_to_compact(
     chosen
 }
 
+/// References one compaction round looks at, at most (the default of
+/// [`TopicStoreOptions::compact_scan_refs`]): about a second of one core. A store of one small batch
+/// per record (one-record requests at a low rate) can hold hundreds of millions; a round then covers
+/// a stretch of them, and the next goes on from there.
+pub const COMPACT_SCAN_REFS: usize = 1 << 20;
+
+/// Where the next compaction round starts looking at the references of `generation`: `None`, or
+/// another generation, from the first.
+#[derive(Debug, Default)]
+struct ScanCursor {
+    generation: u64,
+    next: Option<sled::IVec>,
+}
+
+impl ScanCursor {
+    fn start(&self, generation: u64) -> sled::IVec {
+        match &self.next {
+            Some(k) if self.generation == generation => k.clone(),
+            _ => sled::IVec::from(&[][..]),
+        }
+    }
+
+    /// Back to the first of `moves` (given up before their swap), unless the cursor is already
+    /// before it.
+    fn rewind(&mut self, generation: u64, moves: &[Move]) {
+        let Some(first) = moves.first() else { return };
+        if self.generation == generation && self.next.as_ref().is_some_and(|k| *k <= first.key) {
+            return;
+        }
+        self.generation = generation;
+        self.next = Some(first.key.clone());
+    }
+}
+
 /// Batches one compaction round moves at most (it keeps a few hundred bytes per batch in memory
 /// until the swap). A file of tiny batches takes several rounds.
 const COMPACT_MAX_BATCHES: usize = 65_536;
@@ -1536,6 +1597,9 @@ struct Move {
 /// What one [`TopicStore::compact`] round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompactionSummary {
+    /// The round stopped before it had looked at every reference (`COMPACT_SCAN_REFS`, or its
+    /// limits on what one round moves): the next round, soon, goes on from there.
+    pub more: bool,
     /// Batch files emptied and unlinked, and their bytes.
     pub files: usize,
     pub freed_bytes: u64,
@@ -3050,6 +3114,38 @@ mod tests {
         assert!(after <= COMPACT_MAX_SPACE_PERCENT, "{after}% of the live bytes after {summary:?}");
         assert_eq!(values(&store, "keep"), kept);
         assert_eq!(store.compact(u64::MAX).unwrap(), CompactionSummary::default(), "under the target: no more copying");
+    }
+
+    /// A round looks at a bounded stretch of the references and the next goes on from there: no
+    /// round scans a large store whole, and a few rounds still compact everything.
+    #[test]
+    fn compaction_rounds_scan_a_bounded_stretch_of_references_and_go_on_from_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = TopicStoreOptions { compact_scan_refs: 3, ..small_files() };
+        let store = open_store_with(dir.path(), &opts);
+        create(&store, "keep", 0);
+        let kept = interleave_then_delete(&store, "bulk", "keep", "k", 64);
+        assert_eq!(kept.len(), 16);
+        let before = batch_file_paths(dir.path()).len();
+        let mut rounds = Vec::new();
+        loop {
+            let s = store.compact(u64::MAX).unwrap();
+            assert!(s.batches <= 3, "a round moves only from the stretch it looked at: {s:?}");
+            rounds.push(s);
+            if !s.more && s.batches == 0 {
+                break;
+            }
+            assert!(rounds.len() < 40, "a round that starts from the first reference again never ends: {rounds:?}");
+        }
+        assert!(rounds[0].more, "{rounds:?}");
+        assert!(rounds.len() >= 6, "16 references, 3 a round: {rounds:?}");
+        let freed: usize = rounds.iter().map(|s| s.files).sum();
+        assert!(freed >= before - 2, "{freed} of {before} files freed over {rounds:?}");
+        assert_eq!(values(&store, "keep"), kept);
+        drop(store);
+        let store = open_store_with(dir.path(), &opts);
+        assert!(store.lost_data().unwrap().is_none());
+        assert_eq!(values(&store, "keep"), kept);
     }
 
     /// A damaged batch is reported, not copied: its file stays (readers report it), later rounds
