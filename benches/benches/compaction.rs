@@ -13,8 +13,9 @@
 //! ten, `keep` the tenth (`BENCH_KEEP`, default `1/10`), so every 64 MiB batch file holds both (as in
 //! a cluster where a busy, short-retained topic shares the node with a quiet, long-retained one).
 //! Then `bulk` is deleted and reclaimed. Without compaction nothing is freed: each file still holds
-//! `keep` batches. The bench then runs compaction rounds (the node's reclaimer runs one every 10 s
-//! while there is work) until one finds nothing to do, and reads `keep` back whole.
+//! `keep` batches. The bench then runs compaction rounds back to back (a node's reclaimer runs one
+//! every 10 s, and the next at once while rounds move batches) until one finds nothing to do, and
+//! reads `keep` back whole.
 //!
 //! `BENCH_DIR` chooses the directory, as for the storage bench (never a tmpfs: sync costs matter).
 
@@ -38,7 +39,7 @@ fn batch_shape() -> Result<(usize, usize)> {
         v.split_once('x').and_then(|(r, b)| Some((r.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?)));
     match parsed {
         Some((r, b)) if (1..=100_000).contains(&r) && (1..=1 << 20).contains(&b) => Ok((r, b)),
-        _ => bail!("BENCH_BATCH must be RxB (R records of B bytes per batch, R and B at least 1), not {v:?}"),
+        _ => bail!("BENCH_BATCH must be RxB: R records (1 to 100,000) of B bytes (1 to 1 MiB) per batch, not {v:?}"),
     }
 }
 
@@ -46,7 +47,7 @@ fn batch(seed: u64, records: usize, record_bytes: usize) -> Result<RecordBatch> 
     let records: Vec<Record> = (0..records)
         .map(|i| Record {
             key: None,
-            value: Bytes::from(random_bytes(record_bytes, seed * 1_000 + i as u64)),
+            value: Bytes::from(random_bytes(record_bytes, (seed << 32) + i as u64)),
             headers: vec![],
             timestamp_ms: 1_700_000_000_000,
         })

@@ -461,9 +461,16 @@ async fn auto_membership_joins_leaves_on_graceful_stop_and_rejoins() -> Res<()> 
     // elect meanwhile, one of them could win at a lower term with node 4 refusing its entries:
     // node 4's log then falls behind and it can never win, and each of its retries deposes the
     // next leader (this livelock failed the test for a minute at a time on a loaded machine).
-    // So nodes 1-3 do not start elections until node 4 leads.
+    // So nodes 1-3 do not start elections until node 4 leads, once node 4 holds every entry they
+    // hold (nothing is written meanwhile: no leader among them appends a blank entry either).
     let initial: Vec<_> =
         [1, 2, 3].iter().map(|id| nodes[id].handle().map(|h| h.node.raft.clone())).collect::<Result<_, _>>()?;
+    until("node 4 to hold every entry", Duration::from_secs(30), || {
+        let newest = initial.iter().map(|r| r.metrics().borrow().last_log_index).max().flatten();
+        let held = raft4.metrics().borrow().last_log_index;
+        async move { (held >= newest).then_some(()) }
+    })
+    .await?;
     for raft in &initial {
         raft.runtime_config().elect(false);
     }

@@ -13,7 +13,7 @@
 //! restart nothing is appended to an existing file: a torn tail stays dead space.
 //!
 //! Files interleave the batches of every partition, so one batch still retained keeps its whole file.
-//! Each file therefore counts the bytes its references name ([`BatchFiles::closed_files`]), and the
+//! Each file therefore counts the bytes its references name ([`BatchFiles::usage`]), and the
 //! store's compaction copies the live batches of mostly dead files into a file of their own
 //! ([`Lane::Compaction`]) so that the old ones can go (`TopicStore::compact`).
 //!
@@ -111,6 +111,16 @@ pub struct BatchFiles {
     /// When a file is closed for appends ([`FILE_BYTES`] unless a test wants small files).
     file_bytes: u64,
     state: Mutex<State>,
+}
+
+/// What [`BatchFiles::usage`] reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GenerationUse {
+    /// The files closed for appends, emptiest first.
+    pub closed: Vec<FileUse>,
+    /// Bytes of all the generation's files, and how many of them references name.
+    pub held: u64,
+    pub live: u64,
 }
 
 /// A file closed for appends, with how much of it is still referenced.
@@ -487,28 +497,21 @@ impl BatchFiles {
         Ok(self.state.lock().map_err(lock_err)?.files.len())
     }
 
-    /// The bytes of `generation`'s files, active ones too, and how many of them are still referenced.
-    pub fn generation_bytes(&self, generation: u64) -> Result<(u64, u64), StoreError> {
+    /// How `generation`'s files are used, at one moment: the files closed for appends (the only ones
+    /// compaction may empty) with how much of each is still referenced, emptiest first; and the bytes
+    /// of all its files, active ones too, and how many of those are referenced.
+    pub fn usage(&self, generation: u64) -> Result<GenerationUse, StoreError> {
         let st = self.state.lock().map_err(lock_err)?;
-        Ok(st
-            .files
-            .values()
-            .filter(|f| f.generation == Some(generation))
-            .fold((0, 0), |(held, live), f| (held + f.len, live + f.live_bytes)))
-    }
-
-    /// The files of `generation` closed for appends (the only ones compaction may empty), with how
-    /// much of each is still referenced, emptiest first.
-    pub fn closed_files(&self, generation: u64) -> Result<Vec<FileUse>, StoreError> {
-        let st = self.state.lock().map_err(lock_err)?;
-        let mut closed: Vec<FileUse> = st
-            .files
-            .iter()
-            .filter(|(seq, f)| f.generation == Some(generation) && f.len > 0 && !st.active.values().any(|a| a == *seq))
-            .map(|(seq, f)| FileUse { seq: *seq, len: f.len, live_bytes: f.live_bytes })
-            .collect();
-        closed.sort_by_key(|f| (u128::from(f.live_bytes) << 64) / u128::from(f.len.max(1)));
-        Ok(closed)
+        let mut usage = GenerationUse::default();
+        for (seq, f) in st.files.iter().filter(|(_, f)| f.generation == Some(generation)) {
+            usage.held += f.len;
+            usage.live += f.live_bytes;
+            if f.len > 0 && !st.active.values().any(|a| a == seq) {
+                usage.closed.push(FileUse { seq: *seq, len: f.len, live_bytes: f.live_bytes });
+            }
+        }
+        usage.closed.sort_by_key(|f| (u128::from(f.live_bytes) << 64) / u128::from(f.len.max(1)));
+        Ok(usage)
     }
 }
 

@@ -56,7 +56,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::apply_version::{APPLY_VERSION, BOUNDED_PRODUCERS, LEGACY_APPLY_VERSION};
-use crate::batch_files::{BatchFiles, BatchRef, FileUse, Lane};
+use crate::batch_files::{BatchFiles, BatchRef, FileUse, GenerationUse, Lane};
 use crate::groups::{GroupState, Topics};
 use crate::snapshot_file::{FrameKind, FrameReader, FrameWriter};
 use crate::snapshot_manifest::{Pin, SnapshotHeader, SnapshotManifest};
@@ -1210,8 +1210,7 @@ impl TopicStore {
         let generation = self.current()?.generation.id;
         let mut chosen = {
             let unmovable = self.inner.unmovable.lock().map_err(lock_err)?;
-            let (held, live) = files.generation_bytes(generation)?;
-            files_to_compact(files.closed_files(generation)?, (held, live), &unmovable, max_move_bytes)
+            files_to_compact(files.usage(generation)?, &unmovable, max_move_bytes)
         };
         if chosen.is_empty() {
             return Ok(CompactionSummary::default());
@@ -1248,7 +1247,9 @@ impl TopicStore {
         let Some(_exclusive) = self.hold_off_reclaim_and_exports(COMPACT_SWAP_WAIT)? else {
             self.forget_copies(&moves);
             // This stretch of references is looked at again next round.
-            cursor.rewind(generation, &moves);
+            if let Some(first) = moves.first() {
+                cursor.rewind(generation, first.key.clone());
+            }
             return Ok(CompactionSummary::default());
         };
         // In chunks, each under the apply lock, so apply is held up for a few thousand keys at a
@@ -1259,9 +1260,14 @@ impl TopicStore {
         let mut pending = moves.into_iter().peekable();
         while pending.peek().is_some() {
             let chunk: Vec<Move> = pending.by_ref().take(COMPACT_SWAP_CHUNK).collect();
+            let first_key = chunk.first().map(|m| m.key.clone());
             match self.swap_references(generation, chunk) {
                 Ok(Some(done)) => swapped.extend(done),
                 outcome => {
+                    if let (Err(_), Some(key)) = (&outcome, first_key) {
+                        // What was not swapped is looked at again next round.
+                        cursor.rewind(generation, key);
+                    }
                     self.forget_copies(&pending.collect::<Vec<_>>());
                     if !swapped.is_empty() {
                         // What was swapped must be durable before the next open trusts it; the
@@ -1373,10 +1379,10 @@ impl TopicStore {
 
     /// Copies every batch that a committed reference names in a `chosen` file into the compaction
     /// lane, checked first, and fdatasyncs the copies. Looks at the references from `cursor` on, at
-    /// most `compact_scan_refs` of them, and leaves `cursor` where the next round goes on; `true`:
-    /// it stopped before the end (a round's scan is bounded however large the store).
-    /// A file holding a damaged batch leaves
-    /// `chosen` (and its copies are forgotten) and is remembered as unmovable.
+    /// most `compact_scan_refs` of them (a round's scan is bounded however large the store), and
+    /// once the copies are synced leaves `cursor` where the next round goes on; `true`: the pass
+    /// over the references is not done (see [`CompactionSummary::more`]). A file holding a damaged
+    /// batch leaves `chosen` (and its copies are forgotten) and is remembered as unmovable.
     fn copy_live_batches(
         &self,
         cur: &Current,
@@ -1386,6 +1392,7 @@ impl TopicStore {
     ) -> Result<bool, StoreError> {
         let files = &self.inner.files;
         let start = cursor.start(cur.generation.id);
+        let from_first = start.is_empty();
         let mut stopped_at = None;
         for (scanned, kv) in cur.generation.records.range(start..).enumerate() {
             let (key, old_value) = kv?;
@@ -1441,13 +1448,17 @@ impl TopicStore {
             let new = files.store_in(Lane::Compaction, cur.generation.id, &what, &stored)?;
             moves.push(Move { key, old_value, old, new });
         }
-        let more = stopped_at.is_some();
-        *cursor = ScanCursor { generation: cur.generation.id, next: stopped_at };
         // The copies reach the disk before a reference to them can (sled flushes on its own). Under
         // `flushing`: a concurrent flush must not record these files as synced while the fdatasyncs
         // still run.
-        let _flush = self.inner.flushing.lock().map_err(lock_err)?;
-        files.sync()?;
+        {
+            let _flush = self.inner.flushing.lock().map_err(lock_err)?;
+            files.sync()?;
+        }
+        // Moved on only now: a round that fails before here looks at the same stretch again. One
+        // that began past the first reference and reached the last has the start of the pass left.
+        let more = stopped_at.is_some() || !from_first;
+        *cursor = ScanCursor { generation: cur.generation.id, next: stopped_at };
         Ok(more)
     }
 
@@ -1490,32 +1501,32 @@ impl TopicStore {
 pub const COMPACT_MAX_LIVE_PERCENT: u64 = 50;
 
 /// A generation's batch files hold at most this share of their live bytes: beyond it, files more
-/// than half live are compacted too, emptiest first, until the files are back under it. Without it,
+/// than half live are compacted too, emptiest first, until the files are back under it (but only
+/// files at most 100/140 live, so that no byte freed costs more than about 2.5 copied). Without it,
 /// files each just over [`COMPACT_MAX_LIVE_PERCENT`] live would keep twice the live data. The disk
 /// goal (docs/benchmarks.md) is 1.5× the payload; 1.4× leaves room for the record encoding and
-/// sled's index (3% at 1 KiB records), and keeps each byte freed costing at most about 2.5 copied.
+/// sled's index (3% at 1 KiB records).
 pub const COMPACT_MAX_SPACE_PERCENT: u64 = 140;
 
-/// Which of `closed` (emptiest first, as [`BatchFiles::closed_files`] gives them) a compaction round
-/// empties: every file at most [`COMPACT_MAX_LIVE_PERCENT`] live, then the next emptiest while the
-/// generation's files, `held` bytes of which `live` are referenced, hold more than
+/// Which of the closed files of `usage` (emptiest first) a compaction round empties: every file at
+/// most [`COMPACT_MAX_LIVE_PERCENT`] live, then, while the generation's files hold more than
 /// [`COMPACT_MAX_SPACE_PERCENT`] of their live bytes (counting each chosen file as replaced by a copy
-/// of its live bytes). Files in `unmovable` are left alone, and the live bytes chosen stay within
-/// `max_move_bytes` (but at least one file is chosen).
-fn files_to_compact(
-    closed: Vec<FileUse>,
-    (held, live): (u64, u64),
-    unmovable: &BTreeSet<u64>,
-    max_move_bytes: u64,
-) -> BTreeMap<u64, FileUse> {
-    let (mut held, live) = (u128::from(held), u128::from(live));
+/// of its live bytes), the next emptiest that are at most 100/140 (71%) live: no file costs more
+/// than 2.5 bytes copied per byte freed, even when dead bytes compaction cannot free (in the files
+/// being filled, or in `unmovable` ones) keep the generation over the target. Files in `unmovable`
+/// are left alone, and the live bytes chosen stay within `max_move_bytes` (but at least one file is
+/// chosen).
+fn files_to_compact(usage: GenerationUse, unmovable: &BTreeSet<u64>, max_move_bytes: u64) -> BTreeMap<u64, FileUse> {
+    let (mut held, live) = (u128::from(usage.held), u128::from(usage.live));
     let mut chosen = BTreeMap::new();
     let mut budget = 0u64;
-    for f in closed {
-        let sparse = u128::from(f.live_bytes) * 100 <= u128::from(f.len) * u128::from(COMPACT_MAX_LIVE_PERCENT);
+    for f in usage.closed {
+        let (len, live_bytes) = (u128::from(f.len), u128::from(f.live_bytes));
+        let sparse = live_bytes * 100 <= len * u128::from(COMPACT_MAX_LIVE_PERCENT);
+        let worth = live_bytes * u128::from(COMPACT_MAX_SPACE_PERCENT) <= len * 100;
         let over_target = held * 100 > live * u128::from(COMPACT_MAX_SPACE_PERCENT);
-        if f.live_bytes >= f.len || !(sparse || over_target) {
-            // Emptiest first: no later file is sparse, or frees anything.
+        if !(sparse || (worth && over_target)) {
+            // Emptiest first: no later file is sparse or worth copying.
             break;
         }
         if unmovable.contains(&f.seq) {
@@ -1525,7 +1536,7 @@ fn files_to_compact(
             break;
         }
         budget += f.live_bytes;
-        held = held.saturating_sub(u128::from(f.len - f.live_bytes));
+        held = held.saturating_sub(u128::from(f.len.saturating_sub(f.live_bytes)));
         chosen.insert(f.seq, f);
     }
     chosen
@@ -1553,15 +1564,14 @@ impl ScanCursor {
         }
     }
 
-    /// Back to the first of `moves` (given up before their swap), unless the cursor is already
-    /// before it.
-    fn rewind(&mut self, generation: u64, moves: &[Move]) {
-        let Some(first) = moves.first() else { return };
-        if self.generation == generation && self.next.as_ref().is_some_and(|k| *k <= first.key) {
+    /// Back to `key` (the first of the copies a round gave up before their swap), unless the next
+    /// round starts before it anyway (`None`: from the first reference).
+    fn rewind(&mut self, generation: u64, key: sled::IVec) {
+        if self.generation == generation && self.next.as_ref().is_none_or(|k| *k <= key) {
             return;
         }
         self.generation = generation;
-        self.next = Some(first.key.clone());
+        self.next = Some(key);
     }
 }
 
@@ -1597,8 +1607,10 @@ struct Move {
 /// What one [`TopicStore::compact`] round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompactionSummary {
-    /// The round stopped before it had looked at every reference (`COMPACT_SCAN_REFS`, or its
-    /// limits on what one round moves): the next round, soon, goes on from there.
+    /// The round's pass over the references is not done: it stopped before the last
+    /// ([`TopicStoreOptions::compact_scan_refs`], or its limit on batches moved), or it began past
+    /// the first. The next round, soon, goes on from there. Always `false` in
+    /// [`TopicStore::compaction_totals`].
     pub more: bool,
     /// Batch files emptied and unlinked, and their bytes.
     pub files: usize,
@@ -3045,7 +3057,7 @@ mod tests {
         let chosen = |closed: Vec<FileUse>, unmovable: &BTreeSet<u64>, budget: u64| {
             let held = closed.iter().map(|f| f.len).sum();
             let live = closed.iter().map(|f| f.live_bytes).sum();
-            files_to_compact(closed, (held, live), unmovable, budget).into_keys().collect::<Vec<_>>()
+            files_to_compact(GenerationUse { closed, held, live }, unmovable, budget).into_keys().collect::<Vec<_>>()
         };
         // Half live or less: always, even with the files well under the target overall.
         let mut closed = vec![file(1, 40)];
@@ -3061,9 +3073,15 @@ mod tests {
         // At 75%, 1.33×: nothing is worth copying.
         let closed = vec![file(1, 75), file(2, 75), file(3, 75)];
         assert!(chosen(closed, &none, u64::MAX).is_empty());
-        // Whole files free nothing, however far over the target the others (active files) are.
-        let whole = vec![FileUse { seq: 1, len: 1000, live_bytes: 1000 }];
-        assert!(files_to_compact(whole, (10_000, 1_000), &none, u64::MAX).is_empty());
+        // Nor is a file more than 71% live (2.5 bytes copied per byte freed), however far over the
+        // target dead bytes compaction cannot free (in the files being filled) keep the generation.
+        for live_bytes in [1000, 990, 720] {
+            let closed = vec![FileUse { seq: 1, len: 1000, live_bytes }];
+            let usage = GenerationUse { closed, held: 10_000, live: 1_000 };
+            assert!(files_to_compact(usage, &none, u64::MAX).is_empty(), "{live_bytes} of 1,000 live");
+        }
+        let closed = vec![FileUse { seq: 1, len: 1000, live_bytes: 700 }];
+        assert_eq!(files_to_compact(GenerationUse { closed, held: 10_000, live: 1_000 }, &none, u64::MAX).len(), 1);
         // A file left alone (it holds a damaged batch) is skipped, not counted as emptied: 1,750
         // live of 4,000, and all three others go without reaching 1.4×.
         let closed = vec![file(1, 10), file(2, 55), file(3, 55), file(4, 55)];
@@ -3074,7 +3092,7 @@ mod tests {
     }
 
     /// Files each more than half live are not compacted for themselves, but together they may hold
-    /// the live data more than 1.5 times over: then the emptiest are compacted until they do not.
+    /// the live data more than 1.4 times over: then the emptiest are compacted until they do not.
     #[test]
     fn compaction_brings_files_more_than_half_live_back_under_the_space_target() {
         let dir = tempfile::tempdir().unwrap();
@@ -3096,10 +3114,9 @@ mod tests {
         store.apply(&[Some(&Command::DeleteTopic { name: name("bulk") })], Bytes::from_static(b"3")).unwrap();
         while store.reclaim(1000).unwrap() > 0 {}
         let space_percent = |store: &TopicStore| {
-            let closed = store.inner.files.closed_files(0).unwrap();
-            assert!(closed.len() >= 6, "{closed:?}");
-            let (held, live) = store.inner.files.generation_bytes(0).unwrap();
-            (held * 100 / live, closed)
+            let usage = store.inner.files.usage(0).unwrap();
+            assert!(usage.closed.len() >= 6, "{usage:?}");
+            (usage.held * 100 / usage.live, usage.closed)
         };
         let (before, closed) = space_percent(&store);
         assert!(before > COMPACT_MAX_SPACE_PERCENT, "{before}% of the live bytes");
@@ -3157,7 +3174,7 @@ mod tests {
         create(&store, "keep", 0);
         interleave_then_delete(&store, "bulk", "keep", "k", 16);
         store.flush_durable().unwrap();
-        let sparse = store.inner.files.closed_files(0).unwrap();
+        let sparse = store.inner.files.usage(0).unwrap().closed;
         assert!(sparse.iter().all(|f| f.live_bytes * 100 <= f.len * COMPACT_MAX_LIVE_PERCENT), "{sparse:?}");
         let victim = sparse.first().expect("a sparse file").seq;
         // Damage the payload of the first live batch in that file (same length, same stored crc).
