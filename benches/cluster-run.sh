@@ -7,6 +7,9 @@
 #   DATA=/dev/shm/bb bash benches/cluster-run.sh target/release/busbar per-request 256   # on tmpfs
 #   SIZE=1024 PARTITIONS=32 bash benches/cluster-run.sh target/release/busbar batched 4096
 #   EXTRA="--linger-ms 0" adds busbar-load flags; DURATION (default 8) sets the measured seconds.
+#   RATE=500 offers a fixed rate (records/s, mode rate) instead of as fast as possible, and prints
+#   the produce-to-ack latencies too; SERVER_ARGS="--worker-threads 1" adds flags to the servers:
+#   RATE=500 SERVER_ARGS="--worker-threads 1" bash benches/cluster-run.sh target/release/busbar
 #   PROFILE=/tmp/kib SIZE=1024 bash benches/cluster-run.sh target/release/busbar batched 4096
 #     also records a CPU profile of the three servers, `perf record -e cpu-clock -g` (software clock:
 #     this VM kind has no hardware counters) for 5 s from 4 s in, into /tmp/kib.data (read it with
@@ -25,18 +28,25 @@ peers="1=127.0.0.1:17101,2=127.0.0.1:17102,3=127.0.0.1:17103"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$data"' EXIT
 for i in 1 2 3; do
-  "$bin" server --id "$i" --listen "127.0.0.1:1710$i" --data-dir "$data/n$i" --peers "$peers" >"$data/n$i.log" 2>&1 &
+  # shellcheck disable=SC2086 # SERVER_ARGS is a list of flags
+  "$bin" server --id "$i" --listen "127.0.0.1:1710$i" --data-dir "$data/n$i" --peers "$peers" ${SERVER_ARGS:-} >"$data/n$i.log" 2>&1 &
   pids+=($!)
 done
 sleep 4
 profile=${PROFILE:-}
 duration=${DURATION:-8}
+mode=(--mode throughput)
+grep_default="^acked|server cpu"
+if [ -n "${RATE:-}" ]; then
+  mode=(--mode rate --rate "$RATE")
+  grep_default="^acked|produce->ack|server cpu"
+fi
 if [ -n "$profile" ]; then
   command -v perf >/dev/null || { echo "PROFILE needs perf (Debian: linux-perf)" >&2; exit 1; }
   duration=${DURATION:-10}
 fi
 "$load" --system busbar --brokers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 \
-  --pids "$(IFS=,; echo "${pids[*]}")" --duration "$duration" --warmup 1 --mode throughput \
+  --pids "$(IFS=,; echo "${pids[*]}")" --duration "$duration" --warmup 1 "${mode[@]}" \
   --api "$api" --record-size "${SIZE:-100}" --partitions "${PARTITIONS:-8}" --producers 2 --consumers 1 \
   --in-flight "$inflight" ${EXTRA:-} >"$data/load.out" 2>&1 &
 loadgen=$!
@@ -45,4 +55,4 @@ if [ -n "$profile" ]; then
   perf record -e cpu-clock -F 499 -g -p "$(IFS=,; echo "${pids[*]}")" -o "$profile.data" -- sleep 5 >/dev/null 2>&1
 fi
 wait "$loadgen" || { cat "$data/load.out" >&2; exit 1; }
-grep -E "${GREP:-^acked|server cpu}" "$data/load.out"
+grep -E "${GREP:-$grep_default}" "$data/load.out"
