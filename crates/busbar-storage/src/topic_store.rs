@@ -3133,6 +3133,25 @@ mod tests {
         assert_eq!(store.compact(u64::MAX).unwrap(), CompactionSummary::default(), "under the target: no more copying");
     }
 
+    /// Copies given up before their swap are looked at again: the cursor goes back to the first of
+    /// them unless the next round starts before it anyway.
+    #[test]
+    fn a_scan_cursor_rewinds_only_to_an_earlier_reference() {
+        let key = |n: u8| sled::IVec::from(&[n][..]);
+        let mut c = ScanCursor { generation: 1, next: None };
+        c.rewind(1, key(5));
+        assert_eq!(c.start(1), sled::IVec::from(&[][..]), "from the first reference already");
+        c = ScanCursor { generation: 1, next: Some(key(5)) };
+        c.rewind(1, key(7));
+        assert_eq!(c.start(1), key(5));
+        c.rewind(1, key(3));
+        assert_eq!(c.start(1), key(3));
+        // Another generation's cursor starts from the first; rewinding sets it for this one.
+        assert_eq!(c.start(2), sled::IVec::from(&[][..]));
+        c.rewind(2, key(9));
+        assert_eq!((c.generation, c.start(2)), (2, key(9)));
+    }
+
     /// A round looks at a bounded stretch of the references and the next goes on from there: no
     /// round scans a large store whole, and a few rounds still compact everything.
     #[test]
