@@ -1455,10 +1455,12 @@ impl TopicStore {
             let _flush = self.inner.flushing.lock().map_err(lock_err)?;
             files.sync()?;
         }
-        // Moved on only now: a round that fails before here looks at the same stretch again. One
-        // that began past the first reference and reached the last has the start of the pass left.
-        let more = stopped_at.is_some() || !from_first;
-        *cursor = ScanCursor { generation: cur.generation.id, next: stopped_at };
+        // Moved on only now: a round that fails before here looks at the same stretch again.
+        let pass_moved = !moves.is_empty() || (!from_first && cursor.pass_moved);
+        // The pass goes on (it stopped before the last reference), or one that moved batches ended
+        // past the first (another pass from the first may find what this one freed up): soon.
+        let more = pass_moved && (stopped_at.is_some() || !from_first);
+        *cursor = ScanCursor { generation: cur.generation.id, next: stopped_at, pass_moved };
         Ok(more)
     }
 
@@ -1554,6 +1556,10 @@ pub const COMPACT_SCAN_REFS: usize = 1 << 20;
 struct ScanCursor {
     generation: u64,
     next: Option<sled::IVec>,
+    /// The pass over the references that `next` is in (from the first to the last) has copied
+    /// something: only then does the next round come soon. A pass that finds nothing to move (a
+    /// chosen file whose count stays high, say after a failed swap) is not repeated back to back.
+    pass_moved: bool,
 }
 
 impl ScanCursor {
@@ -1607,9 +1613,10 @@ struct Move {
 /// What one [`TopicStore::compact`] round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompactionSummary {
-    /// The round's pass over the references is not done: it stopped before the last
-    /// ([`TopicStoreOptions::compact_scan_refs`], or its limit on batches moved), or it began past
-    /// the first. The next round, soon, goes on from there. Always `false` in
+    /// Call again soon: the round's pass over the references has moved batches and is not done (it
+    /// stopped before the last reference, at [`TopicStoreOptions::compact_scan_refs`] or its limit
+    /// on batches moved; the next round goes on from there), or it ended after beginning past the
+    /// first (the next round starts a new pass). Always `false` in
     /// [`TopicStore::compaction_totals`].
     pub more: bool,
     /// Batch files emptied and unlinked, and their bytes.
@@ -3133,15 +3140,41 @@ mod tests {
         assert_eq!(store.compact(u64::MAX).unwrap(), CompactionSummary::default(), "under the target: no more copying");
     }
 
+    /// A chosen file that can never be emptied (its count stays above what references name) does
+    /// not keep rounds coming back to back: once a whole pass moves nothing, the round says so.
+    #[test]
+    fn a_pass_that_moves_nothing_does_not_ask_for_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = TopicStoreOptions { compact_scan_refs: 3, ..small_files() };
+        let store = open_store_with(dir.path(), &opts);
+        create(&store, "keep", 0);
+        let kept = interleave_then_delete(&store, "bulk", "keep", "k", 64);
+        let stuck = store.inner.files.usage(0).unwrap().closed[0].seq;
+        store.inner.files.count_phantom_live(stuck, 100);
+        let mut rounds = Vec::new();
+        loop {
+            let s = store.compact(u64::MAX).unwrap();
+            rounds.push(s);
+            if !s.more && s.batches == 0 {
+                break;
+            }
+            assert!(rounds.len() < 40, "rounds keep asking for more: {rounds:?}");
+        }
+        let left = store.inner.files.usage(0).unwrap().closed;
+        assert!(left.iter().any(|f| f.seq == stuck), "the stuck file stays: {left:?}");
+        assert!(left.iter().all(|f| f.seq == stuck || f.live_bytes == f.len), "the rest is compacted: {left:?}");
+        assert_eq!(values(&store, "keep"), kept);
+    }
+
     /// Copies given up before their swap are looked at again: the cursor goes back to the first of
     /// them unless the next round starts before it anyway.
     #[test]
     fn a_scan_cursor_rewinds_only_to_an_earlier_reference() {
         let key = |n: u8| sled::IVec::from(&[n][..]);
-        let mut c = ScanCursor { generation: 1, next: None };
+        let mut c = ScanCursor { generation: 1, next: None, pass_moved: false };
         c.rewind(1, key(5));
         assert_eq!(c.start(1), sled::IVec::from(&[][..]), "from the first reference already");
-        c = ScanCursor { generation: 1, next: Some(key(5)) };
+        c = ScanCursor { generation: 1, next: Some(key(5)), pass_moved: false };
         c.rewind(1, key(7));
         assert_eq!(c.start(1), key(5));
         c.rewind(1, key(3));

@@ -144,11 +144,12 @@ pub struct ServerArgs {
     /// (docs/operations.md, sizing).
     #[arg(long, env = "BUSBAR_STORE_CACHE_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub store_cache_mib: u64,
-    /// Threads of the async runtime (gRPC, Raft, replication); unset: one per core. Nodes that share
-    /// a machine's cores (a development box, or the benchmarks' three nodes on two cores) spend less
-    /// CPU waking each other's threads with 1: about 9% less per record at 500 one-record requests/s,
-    /// latency the same within noise (docs/benchmarks.md). Blocking storage work runs on threads of
-    /// its own either way.
+    /// Threads of the async runtime (gRPC, Raft, replication); unset: tokio's default
+    /// (`TOKIO_WORKER_THREADS` if set, else one per core). Nodes that share a machine's cores (a
+    /// development box, or the benchmarks' three nodes on two cores) spend less CPU waking each
+    /// other's threads with 1: about 9% less per record at 500 one-record requests/s, latency the
+    /// same within noise (docs/benchmarks.md). Blocking storage work runs on threads of its own
+    /// either way.
     #[arg(long, env = "BUSBAR_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// Largest record accepted, in bytes.
@@ -349,8 +350,8 @@ mod tests {
             assert!(err.contains("--worker-threads"), "{bad}: {err}");
         }
         // Client commands keep the default.
-        let produce = Cli::try_parse_from(["busbar", "topic", "list"]).unwrap();
-        assert_eq!(runtime_workers(&produce), None);
+        let topic_list = Cli::try_parse_from(["busbar", "topic", "list"]).unwrap();
+        assert_eq!(runtime_workers(&topic_list), None);
     }
 
     #[test]
