@@ -110,6 +110,7 @@ fn main() -> Result<()> {
     let write_secs = write_start.elapsed().as_secs_f64();
     let live_payload = kept_records * record_bytes as u64;
     let written = store.size_on_disk()?;
+    let (written_files, _) = store.batch_file_bytes()?;
 
     apply(&store, &Command::DeleteTopic { name: bulk.clone() }, &mut pos)?;
     while store.reclaim(10_000)? > 0 {}
@@ -173,5 +174,13 @@ fn main() -> Result<()> {
         fmt_num(cpu.map(|c| 100.0 * c / secs.max(1e-9)))
     );
     println!("keep read back whole after compaction: {kept_records} records in {read_secs:.2} s");
+    println!(
+        "as written: batch files {:.1} MB ({:.0} B per batch), sled {:.1} MB ({:.0} B per batch), payload {:.1} MB",
+        written_files as f64 / MB,
+        written_files as f64 / batches as f64,
+        written.saturating_sub(written_files) as f64 / MB,
+        written.saturating_sub(written_files) as f64 / batches as f64,
+        (batches * per_batch) as f64 / MB
+    );
     Ok(())
 }
