@@ -3140,6 +3140,20 @@ mod tests {
         assert_eq!(store.compact(u64::MAX).unwrap(), CompactionSummary::default(), "under the target: no more copying");
     }
 
+    /// Compaction rounds, as a node's reclaimer runs them, until one has nothing to move and asks
+    /// for no more; at most 40 (`endless` says why more would be wrong).
+    fn compact_until_done(store: &TopicStore, endless: &str) -> Vec<CompactionSummary> {
+        let mut rounds = Vec::new();
+        loop {
+            let s = store.compact(u64::MAX).unwrap();
+            rounds.push(s);
+            if !s.more && s.batches == 0 {
+                return rounds;
+            }
+            assert!(rounds.len() < 40, "{endless}: {rounds:?}");
+        }
+    }
+
     /// A chosen file that can never be emptied (its count stays above what references name) does
     /// not keep rounds coming back to back: once a whole pass moves nothing, the round says so.
     #[test]
@@ -3151,15 +3165,7 @@ mod tests {
         let kept = interleave_then_delete(&store, "bulk", "keep", "k", 64);
         let stuck = store.inner.files.usage(0).unwrap().closed[0].seq;
         store.inner.files.count_phantom_live(stuck, 100);
-        let mut rounds = Vec::new();
-        loop {
-            let s = store.compact(u64::MAX).unwrap();
-            rounds.push(s);
-            if !s.more && s.batches == 0 {
-                break;
-            }
-            assert!(rounds.len() < 40, "rounds keep asking for more: {rounds:?}");
-        }
+        compact_until_done(&store, "rounds keep asking for more");
         let left = store.inner.files.usage(0).unwrap().closed;
         assert!(left.iter().any(|f| f.seq == stuck), "the stuck file stays: {left:?}");
         assert!(left.iter().all(|f| f.seq == stuck || f.live_bytes == f.len), "the rest is compacted: {left:?}");
@@ -3196,16 +3202,8 @@ mod tests {
         let kept = interleave_then_delete(&store, "bulk", "keep", "k", 64);
         assert_eq!(kept.len(), 16);
         let before = batch_file_paths(dir.path()).len();
-        let mut rounds = Vec::new();
-        loop {
-            let s = store.compact(u64::MAX).unwrap();
-            assert!(s.batches <= 3, "a round moves only from the stretch it looked at: {s:?}");
-            rounds.push(s);
-            if !s.more && s.batches == 0 {
-                break;
-            }
-            assert!(rounds.len() < 40, "a round that starts from the first reference again never ends: {rounds:?}");
-        }
+        let rounds = compact_until_done(&store, "a round that starts from the first reference again never ends");
+        assert!(rounds.iter().all(|s| s.batches <= 3), "a round moves only from the stretch it looked at: {rounds:?}");
         assert!(rounds[0].more, "{rounds:?}");
         assert!(rounds.len() >= 6, "16 references, 3 a round: {rounds:?}");
         let freed: usize = rounds.iter().map(|s| s.files).sum();
