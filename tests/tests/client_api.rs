@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use busbar_client::{
-    codes, Admin, Client, ClientError, ConsumerRecord, PartitionConsumer, ProduceRequest, Producer, ProducerConfig,
-    Record, RecordMetadata,
+    codes, Admin, Client, ClientError, ClientOptions, ConsumerRecord, PartitionConsumer, ProduceRequest, Producer,
+    ProducerConfig, Record, RecordMetadata,
 };
 use busbar_proto::partition::for_key;
 use busbar_proto::v1 as pb;
@@ -376,9 +376,6 @@ async fn t30_idempotent_producer_keeps_exactly_once_across_leader_crash() -> any
     Ok(())
 }
 
-/// The client keeps one connection per broker for calls it may repeat. When a broker it already
-/// talked to stops, those calls move on to the others, and a plain (non-idempotent) write, which
-/// never uses a kept connection, is not reported INDETERMINATE because of the dead one.
 /// Apply version 2 refuses a producer that starts a partition above sequence 0 without state there
 /// (UNKNOWN_PRODUCER_ID): that happens to every live producer when its topic is deleted and
 /// recreated. The cluster wrote nothing, so the `Producer` sends the batch again under a fresh id,
@@ -427,6 +424,10 @@ async fn t32_a_producer_carries_on_into_a_recreated_topic() -> anyhow::Result<()
     Ok(())
 }
 
+/// The client keeps one connection per broker, for every call. When a broker it already talked to
+/// stops, calls move on to the others; a plain (non-idempotent) write whose kept connection is
+/// dead fails to reconnect before anything is sent, so it too is retried elsewhere, not reported
+/// INDETERMINATE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t35_a_kept_connection_to_a_stopped_broker_fails_over() -> anyhow::Result<()> {
     let mut c = InProcessCluster::start(3).await?;
@@ -445,6 +446,85 @@ async fn t35_a_kept_connection_to_a_stopped_broker_fails_over() -> anyhow::Resul
     assert_eq!(r.map_err(|e| anyhow::anyhow!("write after the stop: {e}"))?.base_offset, 1);
     let offsets = client.list_offsets("kept").await.map_err(|e| anyhow::anyhow!("read after the stop: {e}"))?;
     assert_eq!(offsets.first().map(|p| p.end_offset), Some(2), "{offsets:?}");
+    c.shutdown().await;
+    Ok(())
+}
+
+/// TCP sockets of this machine (any state, TIME_WAIT included) whose remote end is `port`.
+fn sockets_to_port(port: u16) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        // `sl local_address rem_address st ...`; addresses are `HEXIP:HEXPORT`.
+        n += text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(2)?.rsplit(':').next().map(|p| u16::from_str_radix(p, 16)))
+            .filter(|p| matches!(p, Ok(p) if *p == port))
+            .count();
+    }
+    Ok(n)
+}
+
+/// Plain (non-idempotent) writes share the client's kept connection to the leader rather than
+/// each opening one of its own: a connection per call costs a handshake each and leaves a socket
+/// in TIME_WAIT behind per call, which at a few hundred calls per second exhausts the client's
+/// ports. After the leader restarts on its address, the next write reconnects and goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t36_plain_writes_share_one_connection_and_survive_a_restart() -> anyhow::Result<()> {
+    let mut c = InProcessCluster::start(3).await?;
+    let leader = c.leader().await?;
+    let addr = c.addr(leader);
+    let port: u16 = addr.rsplit(':').next().unwrap_or_default().parse()?;
+    let client = Client::connect([addr.clone()]).await?;
+    client.create_topic("one", 1).await?;
+    client.produce("one", 0, vec![Record::value("first")]).await?;
+    let before = sockets_to_port(port)?;
+    for i in 0..100 {
+        client.produce("one", 0, vec![Record::value(format!("r{i}"))]).await?;
+    }
+    let after = sockets_to_port(port)?;
+    anyhow::ensure!(after <= before + 2, "100 writes left {after} sockets to the leader's port (before: {before})");
+
+    c.stop(leader).await?;
+    c.restart(leader).await?;
+    // The kept connection died with the old instance; the next write must not be reported
+    // INDETERMINATE for it. The restarted node may not lead any more: it then names the leader,
+    // and the write follows.
+    let others = Client::connect(c.ids().into_iter().map(|i| c.addr(i)).collect::<Vec<_>>()).await?;
+    c.leader().await?;
+    let ack = client
+        .produce("one", 0, vec![Record::value("after")])
+        .await
+        .map_err(|e| anyhow::anyhow!("write after the restart (indeterminate: {}): {e}", e.is_indeterminate()))?;
+    assert_eq!(ack.base_offset, 101);
+    let offsets = others.list_offsets("one").await.map_err(|e| anyhow::anyhow!("offsets: {e}"))?;
+    assert_eq!(offsets.first().map(|p| p.end_offset), Some(102), "{offsets:?}");
+    c.shutdown().await;
+    Ok(())
+}
+
+/// A client whose first broker is a follower remembers the leader that follower named, and sends
+/// later calls straight there. With no retries allowed, the first write (to the follower) fails
+/// NOT_LEADER; every later one succeeds at its only attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t37_the_client_remembers_the_leader_it_was_redirected_to() -> anyhow::Result<()> {
+    let c = InProcessCluster::start(3).await?;
+    let leader = c.leader().await?;
+    let mut brokers: Vec<String> = c.ids().into_iter().filter(|i| *i != leader).map(|i| c.addr(i)).collect();
+    brokers.push(c.addr(leader));
+    c.client().await?.create_topic("hint", 1).await?;
+    let once = ClientOptions { max_retries: 0, ..ClientOptions::default() };
+    let client = Client::connect_with(brokers, once).await?;
+    let first = client.produce("hint", 0, vec![Record::value("to a follower")]).await;
+    let message = assert_code("the first write, sent to a follower", first, codes::NOT_LEADER)?;
+    for i in 0..20 {
+        let ack = client
+            .produce("hint", 0, vec![Record::value(format!("r{i}"))])
+            .await
+            .map_err(|e| anyhow::anyhow!("write {i} after the redirect ({message}): {e}"))?;
+        assert_eq!(ack.base_offset, i);
+    }
     c.shutdown().await;
     Ok(())
 }

@@ -7,7 +7,7 @@ use busbar_proto::v1::busbar_client::BusbarClient;
 use busbar_proto::v1::cluster_client::ClusterClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error::{codes, ClientError};
+use crate::error::{codes, never_sent, ClientError};
 
 /// Timeouts and retry bounds of a [`Client`].
 #[derive(Clone, Debug)]
@@ -96,12 +96,16 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub struct Client {
     brokers: Vec<String>,
     pub(crate) opts: ClientOptions,
-    /// One HTTP/2 connection per broker, reused by every call that may be repeated safely
-    /// (requests multiplex on it). A call over a connection that broke since its last use fails
-    /// at the transport level even though nothing was sent; the channel is then dropped from
-    /// here and the call retried. A write that must not be repeated (`with_retry_unsent`) cannot
-    /// tell that failure from one with the request in flight, so it connects afresh instead.
+    /// One HTTP/2 connection per broker, reused by every call (requests multiplex on it). A
+    /// channel reconnects by itself when its connection broke since its last use. A call that
+    /// fails at the transport level drops the channel from here; it is retried if it may be
+    /// repeated, or if it was never sent (see [`never_sent`]); otherwise a write that must not be
+    /// applied twice (`with_retry_unsent`) is reported as INDETERMINATE.
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// The leader the last NOT_LEADER answer named. Calls start there, so a client whose first
+    /// broker is a follower does not pay a redirect on every write. Forgotten when a call there
+    /// fails at the transport level or it no longer knows a leader.
+    leader_hint: Arc<Mutex<Option<String>>>,
 }
 
 impl Client {
@@ -124,7 +128,7 @@ impl Client {
         if brokers.is_empty() {
             return Err(ClientError::InvalidArgument("no brokers given".into()));
         }
-        let client = Self { brokers, opts, channels: Arc::default() };
+        let client = Self { brokers, opts, channels: Arc::default(), leader_hint: Arc::default() };
         client.channel_any().await?;
         Ok(client)
     }
@@ -150,6 +154,20 @@ impl Client {
     /// Forgets the connection to `addr` (its call failed at the transport level).
     pub(crate) fn drop_channel(&self, addr: &str) {
         self.channels.lock().unwrap_or_else(PoisonError::into_inner).remove(addr);
+    }
+
+    fn leader_hint(&self) -> Option<String> {
+        self.leader_hint.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Remembers `addr` as the leader (`Some`), or forgets the hint if it is still `forget`.
+    fn update_leader_hint(&self, addr: Option<&str>, forget: &str) {
+        let mut hint = self.leader_hint.lock().unwrap_or_else(PoisonError::into_inner);
+        match addr {
+            Some(a) => *hint = Some(a.to_string()),
+            None if hint.as_deref() == Some(forget) => *hint = None,
+            None => {}
+        }
     }
 
     async fn connect_to(&self, addr: &str) -> Result<Channel, String> {
@@ -178,16 +196,10 @@ impl Client {
     /// The first broker that accepts a connection, trying them in order from the `start`-th
     /// (wrapping around).
     async fn channel_any_from(&self, start: usize) -> Result<(String, Channel), ClientError> {
-        self.any_from(start, true).await
-    }
-
-    /// [`channel_any_from`](Self::channel_any_from), on a kept connection (`kept`) or a new one.
-    async fn any_from(&self, start: usize, kept: bool) -> Result<(String, Channel), ClientError> {
         let mut last = String::new();
         let n = self.brokers.len();
         for b in self.brokers.iter().cycle().skip(start % n.max(1)).take(n) {
-            let ch = if kept { self.channel_to(b).await } else { self.connect_to(b).await };
-            match ch {
+            match self.channel_to(b).await {
                 Ok(ch) => return Ok((b.clone(), ch)),
                 Err(e) => last = e,
             }
@@ -207,7 +219,8 @@ impl Client {
     }
 
     /// Like [`Client::with_retry`] for a write that must not be applied twice: once the request may
-    /// have reached a broker, a failed connection is reported as INDETERMINATE, not retried.
+    /// have reached a broker, a failed connection is reported as INDETERMINATE, not retried. One
+    /// that failed before it was sent (see [`never_sent`]) is retried.
     pub(crate) async fn with_retry_unsent<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
         F: FnMut(Channel) -> Fut,
@@ -221,25 +234,27 @@ impl Client {
         F: FnMut(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let mut preferred: Option<String> = None;
+        let mut preferred: Option<String> = self.leader_hint();
         let mut last = ClientError::NoBroker { brokers: self.brokers.clone(), last: "no attempt made".into() };
         let mut backoff = Duration::from_millis(50);
         for attempt in 0..=self.opts.max_retries {
-            // Kept connections only for calls that may be repeated (see `channels`).
-            let kept = resend_after_transport_error;
             let ch = match &preferred {
-                Some(addr) => if kept { self.channel_to(addr).await } else { self.connect_to(addr).await }
+                Some(addr) => self
+                    .channel_to(addr)
+                    .await
                     .map(|ch| (addr.clone(), ch))
                     .map_err(|e| ClientError::NoBroker { brokers: vec![addr.clone()], last: e }),
                 // Each retry starts at the next broker: the first one that accepts a connection
                 // may be a node that knows no leader (cut off, or removed from the cluster), and
                 // asking it again and again would never reach the others.
-                None => self.any_from(attempt as usize, kept).await,
+                None => self.channel_any_from(attempt as usize).await,
             };
             let (addr, ch) = match ch {
                 Ok(ch) => ch,
                 Err(e) => {
-                    preferred = None;
+                    if let Some(addr) = preferred.take() {
+                        self.update_leader_hint(None, &addr);
+                    }
                     last = e;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -252,20 +267,23 @@ impl Client {
                     let err = ClientError::from_status(&st);
                     if matches!(err, ClientError::NoBroker { .. }) {
                         self.drop_channel(&addr);
+                        self.update_leader_hint(None, &addr);
                     }
                     match &err {
-                        ClientError::Api { code: codes::NOT_LEADER, leader_addr: Some(addr), .. } => {
-                            preferred = Some(addr.clone());
+                        ClientError::Api { code: codes::NOT_LEADER, leader_addr: Some(leader), .. } => {
+                            self.update_leader_hint(Some(leader), &addr);
+                            preferred = Some(leader.clone());
                         }
                         ClientError::Api {
                             code: codes::NOT_LEADER | codes::LEADER_NOT_AVAILABLE | codes::SHUTTING_DOWN,
                             ..
                         } => {
+                            self.update_leader_hint(None, &addr);
                             preferred = None;
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(1));
                         }
-                        ClientError::NoBroker { last, .. } if !resend_after_transport_error => {
+                        ClientError::NoBroker { last, .. } if !resend_after_transport_error && !never_sent(&st) => {
                             return Err(ClientError::Api {
                                 code: codes::INDETERMINATE,
                                 message: format!(

@@ -130,9 +130,44 @@ impl ClientError {
 /// How tonic words a status it made from an HTTP/2 error (`Status::from_h2_error`).
 const H2_ERROR_PREFIX: &str = "h2 protocol error";
 
+/// Whether a call that failed at the transport level certainly never reached a broker, so a write
+/// may be sent again without risk of applying it twice. True when its error comes from
+/// - connecting (`tonic::ConnectError`: the call needed a new connection, it failed, so nothing
+///   was written to any), or
+/// - hyper's dispatch before the request was handed to HTTP/2 (`hyper::Error::is_canceled`: the
+///   connection closed with the request still queued in front of it).
+///
+/// Anything else (a reset stream, a deadline, a keep-alive that went unanswered) may have
+/// happened with the request on the wire.
+pub(crate) fn never_sent(st: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(st);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() || e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a failure to connect counts as never sent; a status without a transport error behind
+    /// it (a deadline, a reset stream) may have been sent.
+    #[test]
+    fn only_a_connect_failure_is_never_sent() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let connect = tonic::ConnectError(Box::new(refused));
+        let st = tonic::Status::from_error(Box::new(connect));
+        assert_eq!(st.code(), tonic::Code::Unavailable);
+        assert!(never_sent(&st));
+        assert!(!never_sent(&tonic::Status::unavailable("no source")));
+        assert!(!never_sent(&tonic::Status::internal("h2 protocol error: http2 error")));
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(!never_sent(&tonic::Status::from_error(Box::new(reset))));
+    }
 
     /// A leader crash resets streams with INTERNAL_ERROR; an idempotent producer must see a broken
     /// transport it may resend over, not a refusal it gives up on.

@@ -50,6 +50,12 @@
 //! - Without idempotence, an indeterminate batch is not resent: its records fail with an error for
 //!   which [`ClientError::is_indeterminate`] is true. Resending it is the caller's choice (at least
 //!   once, possibly twice).
+//! - A write that failed before anything was sent (its connection could not be made, or closed
+//!   with the request still queued in the client) is not indeterminate: it is retried, on another
+//!   broker if need be.
+//!
+//! Connections: a [`Client`] (and its clones) keeps one HTTP/2 connection per broker, shared by
+//! every call, and remembers the leader a NOT_LEADER answer named, so writes go straight to it.
 //!
 //! Order: records with the same key go to the same partition
 //! ([`busbar_proto::partition::for_key`], Kafka's murmur2 partitioner, so the same partition number
