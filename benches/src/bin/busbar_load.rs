@@ -61,6 +61,10 @@ enum Api {
     /// (what a client sending records one by one with many outstanding would use; one ack per
     /// record). NATS: publishes, as in per-request.
     PerRequestStream,
+    /// One record per request through `busbar_client::Client::produce` (leader redirects,
+    /// retries, the client's kept connections): what an application writing one record at a time
+    /// calls. NATS: publishes, as in per-request.
+    ClientProduce,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -184,6 +188,7 @@ enum Sink {
     Busbar { producer: Arc<Producer>, topic: String },
     BusbarRaw { api: BusbarClient<Channel>, topic: String },
     BusbarStream(ProduceStreamSink),
+    BusbarClient { client: Client, topic: String },
     Nats { js: async_nats::jetstream::Context, prefix: String },
 }
 
@@ -207,6 +212,14 @@ impl Sink {
                 }))
             }
             Sink::BusbarStream(sink) => sink.send(partition, key, value).await,
+            Sink::BusbarClient { client, topic } => {
+                let record = busbar_client::Record { key, value, ..Default::default() };
+                let (client, topic) = (client.clone(), topic.clone());
+                Ok(Box::pin(async move {
+                    client.produce(&topic, partition, vec![record]).await.map_err(|e| anyhow!("produce: {e}"))?;
+                    Ok(())
+                }))
+            }
             Sink::Nats { js, prefix } => {
                 let subject = format!("{prefix}.{partition}");
                 let ack = match key {
@@ -383,6 +396,9 @@ async fn make_sink(args: &Args, topic: &str) -> Result<Sink> {
         }
         (System::Busbar, Api::PerRequest) => {
             Sink::BusbarRaw { api: busbar_leader_api(&args.brokers).await?, topic: topic.to_string() }
+        }
+        (System::Busbar, Api::ClientProduce) => {
+            Sink::BusbarClient { client: Client::connect(args.brokers.clone()).await?, topic: topic.to_string() }
         }
         (System::Busbar, Api::PerRequestStream) => Sink::BusbarStream(
             ProduceStreamSink::open(busbar_leader_api(&args.brokers).await?, topic, args.in_flight).await?,
