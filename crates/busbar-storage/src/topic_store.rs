@@ -1254,29 +1254,48 @@ impl TopicStore {
         };
         // In chunks, each under the apply lock, so apply is held up for a few thousand keys at a
         // time, not a whole round. A failed chunk forgets its copies and those not swapped yet;
-        // the ones swapped before keep their (correct) references, and their old files stay until
-        // the next open.
+        // the ones swapped before keep their (correct) references and are released below like a
+        // whole round's, and the error is returned after that.
         let mut swapped: Vec<Move> = Vec::with_capacity(moves.len());
+        let mut failed: Option<StoreError> = None;
         let mut pending = moves.into_iter().peekable();
         while pending.peek().is_some() {
             let chunk: Vec<Move> = pending.by_ref().take(COMPACT_SWAP_CHUNK).collect();
             let first_key = chunk.first().map(|m| m.key.clone());
-            match self.swap_references(generation, chunk) {
+            #[cfg(test)]
+            let outcome = if !swapped.is_empty()
+                && *self.inner.compaction_crash.lock().map_err(lock_err)? == Some(CompactionStep::LaterChunkFails)
+            {
+                self.forget_copies(&chunk);
+                Err(StoreError::io("injected swap failure", std::io::Error::other("test")))
+            } else {
+                self.swap_references(generation, chunk)
+            };
+            #[cfg(not(test))]
+            let outcome = self.swap_references(generation, chunk);
+            match outcome {
                 Ok(Some(done)) => swapped.extend(done),
-                outcome => {
-                    if let (Err(_), Some(key)) = (&outcome, first_key) {
+                Ok(None) => {
+                    // An install replaced the generation: its files go with it.
+                    self.forget_copies(&pending.collect::<Vec<_>>());
+                    if !swapped.is_empty() {
+                        self.sync_committed()?;
+                    }
+                    return Ok(CompactionSummary::default());
+                }
+                Err(e) => {
+                    if let Some(key) = first_key {
                         // What was not swapped is looked at again next round.
                         cursor.rewind(generation, key);
                     }
                     self.forget_copies(&pending.collect::<Vec<_>>());
-                    if !swapped.is_empty() {
-                        // What was swapped must be durable before the next open trusts it; the
-                        // old files stay (their counts were never released).
-                        self.sync_committed()?;
-                    }
-                    return outcome.map(|_| CompactionSummary::default());
+                    failed = Some(e);
+                    break;
                 }
             }
+        }
+        if swapped.is_empty() {
+            return failed.map_or(Ok(CompactionSummary::default()), Err);
         }
         // The new references durable before the old files go: after a power loss sled must not
         // name a file that was unlinked.
@@ -1310,7 +1329,7 @@ impl TopicStore {
         totals.freed_bytes += summary.freed_bytes;
         totals.batches += summary.batches;
         totals.moved_bytes += summary.moved_bytes;
-        Ok(summary)
+        failed.map_or(Ok(summary), Err)
     }
 
     /// Gives back the copies of `moves` that no reference names (a round given up, or its swap
@@ -1593,10 +1612,16 @@ enum CompactionStep {
     Copied,
     /// The references swapped and durable, the old files not released yet.
     Swapped,
+    /// Not a crash: every swap chunk after the first fails (an I/O error).
+    LaterChunkFails,
 }
 
-/// References one compaction swap changes under the apply lock.
+/// References one compaction swap changes under the apply lock. Tests use small chunks, so their
+/// rounds take several.
+#[cfg(not(test))]
 const COMPACT_SWAP_CHUNK: usize = 4096;
+#[cfg(test)]
+const COMPACT_SWAP_CHUNK: usize = 8;
 
 /// How long a compaction round waits for a running snapshot export before it gives up its copies.
 const COMPACT_SWAP_WAIT: Duration = Duration::from_secs(5);
@@ -3050,8 +3075,37 @@ mod tests {
                     assert!(copies.iter().all(|p| reopened.contains(p)), "{step:?}");
                     assert!(reopened.len() <= 3, "{step:?}: {} files left", reopened.len());
                 }
+                CompactionStep::LaterChunkFails => unreachable!("not a crash step"),
             }
         }
+    }
+
+    /// A swap chunk that fails after earlier ones went through: the files those emptied go at
+    /// once (not at the next open), the error is reported, and the next round moves the rest.
+    #[test]
+    fn a_failed_swap_chunk_still_releases_what_the_chunks_before_it_swapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store_with(dir.path(), &small_files());
+        create(&store, "keep", 0);
+        // 12 kept batches, about two per file: the first chunk (8) empties several files.
+        let kept = interleave_then_delete(&store, "bulk", "keep", "k", 48);
+        let before = batch_file_paths(dir.path());
+        *store.inner.compaction_crash.lock().unwrap() = Some(CompactionStep::LaterChunkFails);
+        assert!(store.compact(u64::MAX).is_err(), "the failed chunk is reported");
+        let after_round = batch_file_paths(dir.path());
+        let freed = before.iter().filter(|p| !after_round.contains(p)).count();
+        assert!(freed > 0, "the first chunk's files stay: {before:?} -> {after_round:?}");
+        assert_eq!(store.compaction_totals().unwrap().files, freed);
+        assert_eq!(values(&store, "keep"), kept);
+        *store.inner.compaction_crash.lock().unwrap() = None;
+        let rounds = compact_until_done(&store, "after a failed chunk");
+        assert!(rounds.iter().any(|r| r.files > 0), "the rest moves: {rounds:?}");
+        let done = batch_file_paths(dir.path());
+        drop(store);
+        // Nothing was left for the next open to clean up.
+        let store = open_store_with(dir.path(), &small_files());
+        assert_eq!(batch_file_paths(dir.path()), done);
+        assert_eq!(values(&store, "keep"), kept);
     }
 
     fn file(seq: u64, live_percent: u64) -> FileUse {
