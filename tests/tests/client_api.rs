@@ -426,8 +426,7 @@ async fn t32_a_producer_carries_on_into_a_recreated_topic() -> anyhow::Result<()
 
 /// The client keeps one connection per broker, for every call. When a broker it already talked to
 /// stops, calls move on to the others; a plain (non-idempotent) write whose kept connection is
-/// dead fails to reconnect before anything is sent, so it too is retried elsewhere, not reported
-/// INDETERMINATE.
+/// dead fails before anything is sent, so it too is retried elsewhere, not reported INDETERMINATE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t35_a_kept_connection_to_a_stopped_broker_fails_over() -> anyhow::Result<()> {
     let mut c = InProcessCluster::start(3).await?;
@@ -435,17 +434,21 @@ async fn t35_a_kept_connection_to_a_stopped_broker_fails_over() -> anyhow::Resul
     let follower = c.ids().into_iter().find(|i| *i != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
     let mut brokers = vec![c.addr(follower)];
     brokers.extend(c.ids().into_iter().filter(|i| *i != follower).map(|i| c.addr(i)));
-    let client = Client::connect(brokers).await?;
+    let client = Client::connect(brokers.clone()).await?;
     Admin::new(client.clone()).create_topic("kept", 1).await?;
     // Asks the follower first (NOT_LEADER), then the leader.
     assert_eq!(client.produce("kept", 0, vec![Record::value("a")]).await?.base_offset, 0);
-    // Fetch is served by any node: this read keeps the connection to the follower.
     client.fetch("kept", 0, 0, 10).await.map_err(|e| anyhow::anyhow!("read before the stop: {e}"))?;
+    // A client that has only its connection to the follower (made by `connect`), and no leader
+    // learnt from a redirect: its next write starts on that connection.
+    let fresh = Client::connect(brokers.clone()).await?;
     c.stop(follower).await?;
     let r = client.produce("kept", 0, vec![Record::value("b")]).await;
     assert_eq!(r.map_err(|e| anyhow::anyhow!("write after the stop: {e}"))?.base_offset, 1);
+    let r = fresh.produce("kept", 0, vec![Record::value("c")]).await;
+    assert_eq!(r.map_err(|e| anyhow::anyhow!("write on a dead kept connection: {e}"))?.base_offset, 2);
     let offsets = client.list_offsets("kept").await.map_err(|e| anyhow::anyhow!("read after the stop: {e}"))?;
-    assert_eq!(offsets.first().map(|p| p.end_offset), Some(2), "{offsets:?}");
+    assert_eq!(offsets.first().map(|p| p.end_offset), Some(3), "{offsets:?}");
     c.shutdown().await;
     Ok(())
 }
@@ -519,11 +522,16 @@ async fn t37_the_client_remembers_the_leader_it_was_redirected_to() -> anyhow::R
     let first = client.produce("hint", 0, vec![Record::value("to a follower")]).await;
     let message = assert_code("the first write, sent to a follower", first, codes::NOT_LEADER)?;
     for i in 0..20 {
-        let ack = client
-            .produce("hint", 0, vec![Record::value(format!("r{i}"))])
-            .await
-            .map_err(|e| anyhow::anyhow!("write {i} after the redirect ({message}): {e}"))?;
-        assert_eq!(ack.base_offset, i);
+        match client.produce("hint", 0, vec![Record::value(format!("r{i}"))]).await {
+            Ok(ack) => assert_eq!(ack.base_offset, i),
+            // A single attempt cannot ride out an election (a loaded machine can miss heartbeats):
+            // only then is a failure not this test's business.
+            Err(e) if c.leader().await? != leader => {
+                eprintln!("t37: the leader changed during the test ({e}); stopping at write {i}");
+                break;
+            }
+            Err(e) => anyhow::bail!("write {i} after the redirect ({message}): {e}"),
+        }
     }
     c.shutdown().await;
     Ok(())

@@ -7,6 +7,7 @@ use busbar_proto::v1::busbar_client::BusbarClient;
 use busbar_proto::v1::cluster_client::ClusterClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::connection::{ConnectOnce, Link};
 use crate::error::{codes, never_sent, ClientError};
 
 /// Timeouts and retry bounds of a [`Client`].
@@ -88,8 +89,14 @@ impl Record {
 /// Most broker connections one [`Client`] keeps open (its brokers and the leaders it was sent
 /// to); past it the cache starts over.
 const MAX_CACHED_CHANNELS: usize = 64;
-/// HTTP/2 ping interval on kept connections, and how long a ping may go unanswered.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// HTTP/2 ping interval on kept connections, and how long a ping may go unanswered. Writes sent
+/// on a connection that went silent (a broker cut off or paused) come back INDETERMINATE within
+/// their sum; later calls connect afresh, to another broker if need be.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A broker's channel, and whether its connection is gone.
+type KeptChannel = (Channel, Arc<Link>);
 
 /// A connection to a Busbar cluster. Cheap to clone; clones share their connections.
 #[derive(Clone)]
@@ -97,11 +104,12 @@ pub struct Client {
     brokers: Vec<String>,
     pub(crate) opts: ClientOptions,
     /// One HTTP/2 connection per broker, reused by every call (requests multiplex on it). A
-    /// channel reconnects by itself when its connection broke since its last use. A call that
-    /// fails at the transport level drops the channel from here; it is retried if it may be
-    /// repeated, or if it was never sent (see [`never_sent`]); otherwise a write that must not be
-    /// applied twice (`with_retry_unsent`) is reported as INDETERMINATE.
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// channel never reconnects (see `connection`): once its connection is gone the next call
+    /// here gets a new one. A call that fails at the transport level drops the channel from here;
+    /// it is retried if it may be repeated, or if it was never sent (see [`never_sent`]);
+    /// otherwise a write that must not be applied twice (`with_retry_unsent`) is reported as
+    /// INDETERMINATE.
+    channels: Arc<Mutex<HashMap<String, KeptChannel>>>,
     /// The leader the last NOT_LEADER answer named. Calls start there, so a client whose first
     /// broker is a follower does not pay a redirect on every write. Forgotten when a call there
     /// fails at the transport level or it no longer knows a leader.
@@ -138,16 +146,21 @@ impl Client {
         &self.brokers
     }
 
+    /// The kept channel to `addr`, or a new one if there is none or its connection is gone. Cheap:
+    /// callers ask for it per call rather than keep a channel of their own, which would outlive
+    /// its connection.
     pub(crate) async fn channel_to(&self, addr: &str) -> Result<Channel, String> {
-        if let Some(ch) = self.channels.lock().unwrap_or_else(PoisonError::into_inner).get(addr) {
-            return Ok(ch.clone());
+        if let Some((ch, link)) = self.channels.lock().unwrap_or_else(PoisonError::into_inner).get(addr) {
+            if !link.is_closed() {
+                return Ok(ch.clone());
+            }
         }
-        let ch = self.connect_to(addr).await?;
+        let (ch, link) = self.connect_to(addr).await?;
         let mut cache = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= MAX_CACHED_CHANNELS {
             cache.clear();
         }
-        cache.insert(addr.to_string(), ch.clone());
+        cache.insert(addr.to_string(), (ch.clone(), link));
         Ok(ch)
     }
 
@@ -170,19 +183,22 @@ impl Client {
         }
     }
 
-    async fn connect_to(&self, addr: &str) -> Result<Channel, String> {
+    /// A channel on one new connection to `addr`, which it never replaces (see `connection`), and
+    /// that connection's link.
+    async fn connect_to(&self, addr: &str) -> Result<(Channel, Arc<Link>), String> {
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("{addr}: {e}"))?
             .connect_timeout(self.opts.connect_timeout)
             .timeout(self.opts.request_timeout)
-            .tcp_nodelay(true)
             // A kept connection to a broker that stopped answering (paused, cut off) is noticed
-            // within two intervals instead of at each request's timeout.
+            // within seconds instead of at each request's timeout.
             .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        match tokio::time::timeout(self.opts.connect_timeout, ep.connect()).await {
-            Ok(Ok(ch)) => Ok(ch),
+        let connector = ConnectOnce::default();
+        let link = connector.link();
+        match tokio::time::timeout(self.opts.connect_timeout, ep.connect_with_connector(connector)).await {
+            Ok(Ok(ch)) => Ok((ch, link)),
             Ok(Err(e)) => Err(format!("{addr}: {e}")),
             Err(_) => Err(format!("{addr}: connect timed out after {:?}", self.opts.connect_timeout)),
         }
@@ -265,12 +281,17 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(st) => {
                     let err = ClientError::from_status(&st);
+                    // Whatever failed there, later calls stop starting there: a leader cut off from
+                    // the others answers INDETERMINATE (its writes cannot commit), never NOT_LEADER.
+                    self.update_leader_hint(None, &addr);
                     if matches!(err, ClientError::NoBroker { .. }) {
                         self.drop_channel(&addr);
-                        self.update_leader_hint(None, &addr);
                     }
                     match &err {
-                        ClientError::Api { code: codes::NOT_LEADER, leader_addr: Some(leader), .. } => {
+                        // (A node naming itself is treated as knowing no leader: no tight loop.)
+                        ClientError::Api { code: codes::NOT_LEADER, leader_addr: Some(leader), .. }
+                            if *leader != addr =>
+                        {
                             self.update_leader_hint(Some(leader), &addr);
                             preferred = Some(leader.clone());
                         }
@@ -278,7 +299,6 @@ impl Client {
                             code: codes::NOT_LEADER | codes::LEADER_NOT_AVAILABLE | codes::SHUTTING_DOWN,
                             ..
                         } => {
-                            self.update_leader_hint(None, &addr);
                             preferred = None;
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -377,8 +397,10 @@ impl Client {
 
     /// Appends one batch to one partition; returns once it is committed on a quorum and applied.
     ///
-    /// Retries only answers that say the batch was not written (NOT_LEADER, no leader). An
-    /// INDETERMINATE error means it may have been written; retrying could then duplicate it.
+    /// Retries (up to [`ClientOptions::max_retries`]) only when the batch was certainly not
+    /// written: answers that say so (NOT_LEADER, no leader) and failures before it was sent (no
+    /// connection). An INDETERMINATE error means it may have been written; retrying could then
+    /// duplicate it.
     pub async fn produce(
         &self,
         topic: &str,

@@ -154,10 +154,11 @@ pub(crate) fn never_sent(st: &tonic::Status) -> bool {
 mod tests {
     use super::*;
 
-    /// Only a failure to connect counts as never sent; a status without a transport error behind
-    /// it (a deadline, a reset stream) may have been sent.
+    /// A failure to connect counts as never sent; a status without a transport error behind it
+    /// (a deadline, a reset stream) may have been sent. (hyper's "canceled" is not built here: it
+    /// needs a real HTTP/2 connection.)
     #[test]
-    fn only_a_connect_failure_is_never_sent() {
+    fn a_connect_failure_is_never_sent_a_reset_may_have_been() {
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let connect = tonic::ConnectError(Box::new(refused));
         let st = tonic::Status::from_error(Box::new(connect));

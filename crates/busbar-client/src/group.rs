@@ -536,29 +536,18 @@ impl Drop for Fetcher {
 /// broker when it fails.
 struct ReadConn {
     client: Client,
-    /// Index into the client's brokers, and the open channel to it.
-    state: Mutex<(usize, Option<Channel>)>,
+    /// Index into the client's brokers (its channel is the client's kept one, asked for per fetch:
+    /// a channel kept here would outlive its connection).
+    state: Mutex<usize>,
 }
 
 impl ReadConn {
     async fn channel(&self) -> Result<(usize, Channel), ClientError> {
-        let idx = {
-            let s = lock(&self.state);
-            if let Some(ch) = &s.1 {
-                return Ok((s.0, ch.clone()));
-            }
-            s.0
-        };
+        let idx = *lock(&self.state);
         let brokers = self.client.brokers();
         let addr = brokers.get(idx % brokers.len().max(1)).cloned().unwrap_or_default();
         match self.client.channel_to(&addr).await {
-            Ok(ch) => {
-                let mut s = lock(&self.state);
-                if s.0 == idx {
-                    s.1 = Some(ch.clone());
-                }
-                Ok((idx, ch))
-            }
+            Ok(ch) => Ok((idx, ch)),
             Err(e) => {
                 self.failed(idx);
                 Err(ClientError::NoBroker { brokers: vec![addr], last: e })
@@ -569,9 +558,8 @@ impl ReadConn {
     /// Broker `idx` failed: the next fetch goes to the next one (unless someone moved on already).
     fn failed(&self, idx: usize) {
         let mut s = lock(&self.state);
-        if s.0 == idx {
-            s.0 = (idx + 1) % self.client.brokers().len().max(1);
-            s.1 = None;
+        if *s == idx {
+            *s = (idx + 1) % self.client.brokers().len().max(1);
         }
     }
 
@@ -717,7 +705,7 @@ impl Task {
         let now = Instant::now();
         Self {
             leader: LeaderCache::new(client.clone()),
-            read: Arc::new(ReadConn { client: client.clone(), state: Mutex::new((0, None)) }),
+            read: Arc::new(ReadConn { client: client.clone(), state: Mutex::new(0) }),
             client,
             cfg,
             shared,

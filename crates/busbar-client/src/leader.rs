@@ -12,10 +12,9 @@ use crate::error::ClientError;
 
 #[derive(Default)]
 struct Cached {
-    /// Where the leader is believed to be (from a redirect or from metadata).
+    /// Where the leader is believed to be (from a redirect or from metadata). Its channel is the
+    /// client's kept one, asked for per call (a channel kept here would outlive its connection).
     addr: Option<String>,
-    /// An open channel to `addr`.
-    channel: Option<Channel>,
 }
 
 /// A shared belief about the leader. Concurrent users may each rediscover it after a failure; that
@@ -38,13 +37,7 @@ impl LeaderCache {
 
     /// A channel to the leader, or failing that to a broker that will redirect or say there is none.
     pub(crate) async fn channel(&self) -> Result<(String, Channel), ClientError> {
-        let hint = {
-            let c = self.lock();
-            if let (Some(addr), Some(ch)) = (&c.addr, &c.channel) {
-                return Ok((addr.clone(), ch.clone()));
-            }
-            c.addr.clone()
-        };
+        let hint = self.lock().addr.clone();
         let (addr, ch) = match hint {
             Some(addr) => match self.client.channel_to(&addr).await {
                 Ok(ch) => (addr, ch),
@@ -55,19 +48,13 @@ impl LeaderCache {
             },
             None => self.discover().await?,
         };
-        let mut c = self.lock();
-        c.addr = Some(addr.clone());
-        c.channel = Some(ch.clone());
+        self.lock().addr = Some(addr.clone());
         Ok((addr, ch))
     }
 
     /// A NOT_LEADER answer named the leader: go there next.
     pub(crate) fn redirect(&self, addr: &str) {
-        let mut c = self.lock();
-        if c.addr.as_deref() != Some(addr) {
-            c.addr = Some(addr.to_string());
-            c.channel = None;
-        }
+        self.lock().addr = Some(addr.to_string());
     }
 
     /// `addr` failed or is no longer the leader. Only forgotten if still current, so a failure of

@@ -52,10 +52,15 @@
 //!   once, possibly twice).
 //! - A write that failed before anything was sent (its connection could not be made, or closed
 //!   with the request still queued in the client) is not indeterminate: it is retried, on another
-//!   broker if need be.
+//!   broker if need be, within [`ClientOptions::max_retries`]. A failure after the connection was
+//!   made (an HTTP/2 handshake refused, a reset stream, an unanswered keep-alive ping) counts as
+//!   possibly sent.
 //!
 //! Connections: a [`Client`] (and its clones) keeps one HTTP/2 connection per broker, shared by
 //! every call, and remembers the leader a NOT_LEADER answer named, so writes go straight to it.
+//! A connection that closes is replaced at the next call, not reconnected underneath the calls
+//! queued on it: those fail at once as never sent. A broker that goes silent (cut off, paused)
+//! is noticed by keep-alive pings within 5 s.
 //!
 //! Order: records with the same key go to the same partition
 //! ([`busbar_proto::partition::for_key`], Kafka's murmur2 partitioner, so the same partition number
@@ -63,6 +68,7 @@
 
 mod admin;
 mod client;
+mod connection;
 mod consumer;
 mod error;
 mod group;
