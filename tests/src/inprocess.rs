@@ -105,6 +105,16 @@ impl InProcessCluster {
         Ok(n.node.raft.metrics().borrow().clone())
     }
 
+    /// Whether a started node's gRPC server still runs (it stops by itself if Raft stops).
+    pub fn serving(&self, id: NodeId) -> anyhow::Result<bool> {
+        Ok(self.nodes.get(&id).with_context(|| format!("node {id} is not running"))?.serving())
+    }
+
+    /// The node's Raft handle, to put entries in its log directly.
+    pub fn raft(&self, id: NodeId) -> anyhow::Result<busbar_raft::Raft> {
+        Ok(self.nodes.get(&id).with_context(|| format!("node {id} is not running"))?.node.raft.clone())
+    }
+
     /// A client that knows every running node.
     pub async fn client(&self) -> anyhow::Result<Client> {
         let brokers: Vec<String> = self.nodes.keys().map(|id| self.addr(*id)).collect();
@@ -180,6 +190,20 @@ impl InProcessCluster {
         std::fs::remove_dir_all(self.data_dir(id))?;
         let mut cfg = self.config(id);
         cfg.peers = self.addrs.iter().map(|(i, a)| (*i, a.to_string())).collect();
+        self.start_once(id, cfg).await
+    }
+
+    /// Restarts a stopped node on its old address and data directory, trying once: the start's
+    /// error if it refused (where `restart` retries until the old instance let go of its storage).
+    pub async fn try_restart(&mut self, id: NodeId) -> anyhow::Result<Result<(), String>> {
+        if self.running(id) {
+            bail!("node {id} is running");
+        }
+        let cfg = self.config(id);
+        self.start_once(id, cfg).await
+    }
+
+    async fn start_once(&mut self, id: NodeId, cfg: ServerConfig) -> anyhow::Result<Result<(), String>> {
         let l = wait::until(&format!("node {id}'s address to be free"), Duration::from_secs(20), || {
             let listen = cfg.listen;
             async move { TcpListener::bind(listen).await.ok() }

@@ -77,6 +77,15 @@ pub enum NodeError {
     Watchdog(std::io::Error),
     #[error("raft log: {0}")]
     Codec(#[from] crate::codec::CodecError),
+    /// The log is purged only up to a snapshot the store had made durable; a store behind that
+    /// point lost data it had (openraft could not re-apply it and would stop).
+    #[error(
+        "the state machine (state/) has applied the log up to index {applied}, but the log (raft-log/) \
+         was purged up to index {purged}: state/ lost data it had made durable (damaged, truncated or \
+         restored from an older copy) and the entries in between are gone. This node cannot recover by \
+         itself: remove it from the cluster, wipe its data directory and add it back"
+    )]
+    StoreBehindLog { applied: u64, purged: u64 },
 }
 
 /// A node that was leader when it stopped starts as a follower of its own term: its stored vote,
@@ -141,6 +150,12 @@ impl RaftNode {
             ApplyWatchdog::start(APPLY_STALL_LIMIT, ApplyWatchdog::abort_process()).map_err(NodeError::Watchdog)?;
         let sm = StateMachine::open(store.clone(), snapshots.clone())?.with_watchdog(watchdog);
         let applied = sm.subscribe_applied();
+        if let Some((purged, _)) = wal.purged() {
+            let applied = *applied.borrow();
+            if applied < purged {
+                return Err(NodeError::StoreBehindLog { applied, purged });
+            }
+        }
         let config = Config {
             cluster_name: "busbar".into(),
             heartbeat_interval: cfg.heartbeat_ms,

@@ -34,6 +34,10 @@ pub enum ServerError {
     Bootstrap(#[from] bootstrap::BootstrapError),
     #[error("binding the HTTP admin port {addr}: {source}")]
     HttpBind { addr: SocketAddr, source: std::io::Error },
+    /// openraft's core stopped on a fatal error (a storage error in apply, a panic): the node can
+    /// no longer take part, and must not go on serving reads from a store nothing updates.
+    #[error("raft stopped: {0}; the node stopped serving (restart it; if it stops again, replace it)")]
+    RaftStopped(String),
 }
 
 /// Runs a node on an already-bound listener until `shutdown` resolves, then stops gracefully:
@@ -149,23 +153,32 @@ async fn start(
     // A node outside the initial voter set leaves the membership before it stops serving (while it
     // can still take part in committing the change).
     let leave = cfg.leaves_on_shutdown().then(|| (node.clone(), cfg.advertise.clone()));
+    let stopped_raft = node.raft.clone();
     let serve = tokio::spawn(async move {
+        let mut fatal = None;
         let res = tonic::transport::Server::builder()
             .add_service(api)
             .add_service(groups)
             .add_service(cluster)
             .add_service(transport)
-            .serve_with_incoming_shutdown(incoming(listener), async move {
-                shutdown.await;
+            .serve_with_incoming_shutdown(incoming(listener), async {
+                tokio::select! {
+                    () = shutdown => {}
+                    why = raft_stopped(stopped_raft) => {
+                        tracing::error!(error = %why, "raft stopped on a fatal error: the node stops serving");
+                        fatal = Some(why);
+                    }
+                }
                 let _ = stop_tx.send(true);
-                if let Some((node, advertise)) = leave {
+                if let Some((node, advertise)) = leave.filter(|_| fatal.is_none()) {
                     tracing::info!("shutting down: leaving the membership first");
                     lifecycle::leave(&node, &advertise, lifecycle::LEAVE_TIMEOUT).await;
                 }
                 tracing::info!("shutting down: no new requests; finishing in-flight ones");
             })
             .await;
-        res.map_err(ServerError::from)
+        res.map_err(ServerError::from)?;
+        fatal.map_or(Ok(()), |why| Err(ServerError::RaftStopped(why)))
     });
 
     // Formation runs beside the server: peers must be able to reach us while we probe them.
@@ -200,6 +213,22 @@ async fn start(
     Ok((node, serve, http_addr))
 }
 
+/// Resolves when openraft's core has stopped on a fatal error, with what it was; never while it
+/// runs, nor after a shutdown asked for.
+async fn raft_stopped(raft: busbar_raft::Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        match &metrics.borrow_and_update().running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => {}
+            Err(fatal) => return fatal.to_string(),
+        }
+        if metrics.changed().await.is_err() {
+            // Raft was dropped: nothing more can happen.
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// A node running in this process (for tests and `busbar dev`).
 pub struct ServerHandle {
     pub addr: SocketAddr,
@@ -223,6 +252,11 @@ pub async fn spawn(cfg: ServerConfig, listener: TcpListener) -> Result<ServerHan
 }
 
 impl ServerHandle {
+    /// Whether its gRPC server still runs (it stops by itself when Raft stops on a fatal error).
+    pub fn serving(&self) -> bool {
+        !self.serve.is_finished()
+    }
+
     /// Graceful stop, as on SIGTERM.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
