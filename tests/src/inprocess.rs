@@ -110,6 +110,12 @@ impl InProcessCluster {
         Ok(self.nodes.get(&id).with_context(|| format!("node {id} is not running"))?.serving())
     }
 
+    /// Takes a node whose server ended by itself out of the cluster, with how it ended.
+    pub async fn take_ended(&mut self, id: NodeId) -> anyhow::Result<Result<(), String>> {
+        let n = self.nodes.remove(&id).with_context(|| format!("node {id} is not running"))?;
+        tokio::time::timeout(Duration::from_secs(20), n.ended()).await.context("the node's end")
+    }
+
     /// The node's Raft handle, to put entries in its log directly.
     pub fn raft(&self, id: NodeId) -> anyhow::Result<busbar_raft::Raft> {
         Ok(self.nodes.get(&id).with_context(|| format!("node {id} is not running"))?.node.raft.clone())

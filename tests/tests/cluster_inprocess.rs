@@ -340,7 +340,7 @@ async fn t33_a_store_behind_its_purged_log_refuses_to_start() -> anyhow::Result<
 /// which stops every node's state machine at the same point of the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t34_a_node_whose_raft_stops_stops_serving() -> anyhow::Result<()> {
-    let c = InProcessCluster::start(3).await?;
+    let mut c = InProcessCluster::start(3).await?;
     let client = c.client().await?;
     client.create_topic("t", 1).await?;
     client.produce("t", 0, vec![Record::value("before")]).await?;
@@ -357,6 +357,12 @@ async fn t34_a_node_whose_raft_stops_stops_serving() -> anyhow::Result<()> {
     }
     let read = client.fetch_from(&c.addr(leader), "t", 0, 0, 10).await;
     assert!(read.is_err(), "a stopped node answered a read: {read:?}");
+    for id in c.ids() {
+        match c.take_ended(id).await? {
+            Err(e) if e.contains("raft stopped") && e.contains("apply version") => {}
+            other => anyhow::bail!("node {id} ended {other:?}, not for its raft stopping"),
+        }
+    }
     c.shutdown().await;
     Ok(())
 }

@@ -89,11 +89,11 @@ impl Record {
 /// Most broker connections one [`Client`] keeps open (its brokers and the leaders it was sent
 /// to); past it the cache starts over.
 const MAX_CACHED_CHANNELS: usize = 64;
-/// HTTP/2 ping interval on kept connections, and how long a ping may go unanswered. Writes sent
-/// on a connection that went silent (a broker cut off or paused) come back INDETERMINATE within
-/// their sum; later calls connect afresh, to another broker if need be.
+/// HTTP/2 ping interval on kept connections, and how long a ping may go unanswered (room for a
+/// busy broker). Writes sent on a connection that went silent (a broker cut off or paused) come
+/// back INDETERMINATE within their sum; later calls connect afresh, to another broker if need be.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A broker's channel, and whether its connection is gone.
 type KeptChannel = (Channel, Arc<Link>);

@@ -60,7 +60,7 @@
 //! every call, and remembers the leader a NOT_LEADER answer named, so writes go straight to it.
 //! A connection that closes is replaced at the next call, not reconnected underneath the calls
 //! queued on it: those fail at once as never sent. A broker that goes silent (cut off, paused)
-//! is noticed by keep-alive pings within 5 s.
+//! is noticed by keep-alive pings within 7 s.
 //!
 //! Order: records with the same key go to the same partition
 //! ([`busbar_proto::partition::for_key`], Kafka's murmur2 partitioner, so the same partition number

@@ -828,12 +828,12 @@ impl Shared {
                 self.leader.forget(&addr);
                 Verdict { retry: true, maybe_written: true, at_once: false }
             }
-            // No Busbar code: the connection failed. A refused connection never carried the
-            // request; anything else may have been cut after the leader received it.
-            ClientError::NoBroker { last, .. } => {
+            // No Busbar code: the connection failed. One that never carried the request (see
+            // `never_sent`) wrote nothing; anything else may have been cut after the leader
+            // received it.
+            ClientError::NoBroker { .. } => {
                 self.leader.forget(&addr);
-                let never_sent = st.code() == tonic::Code::Unavailable && last.contains("connect");
-                Verdict { retry: true, maybe_written: !never_sent, at_once: false }
+                Verdict { retry: true, maybe_written: !crate::error::never_sent(&st), at_once: false }
             }
             _ => Verdict { retry: false, maybe_written: false, at_once: false },
         };

@@ -77,13 +77,16 @@ pub enum NodeError {
     Watchdog(std::io::Error),
     #[error("raft log: {0}")]
     Codec(#[from] crate::codec::CodecError),
-    /// The log is purged only up to a snapshot the store had made durable; a store behind that
-    /// point lost data it had (openraft could not re-apply it and would stop).
+    /// The log is purged up to a snapshot the store has made durable, or, in openraft 0.9, as soon
+    /// as a snapshot received from the leader is queued for install. A store behind that point lost
+    /// data it had, or the process stopped during that install; either way the entries in between
+    /// are gone (openraft could not re-apply them and would stop).
     #[error(
         "the state machine (state/) has applied the log up to index {applied}, but the log (raft-log/) \
-         was purged up to index {purged}: state/ lost data it had made durable (damaged, truncated or \
-         restored from an older copy) and the entries in between are gone. This node cannot recover by \
-         itself: remove it from the cluster, wipe its data directory and add it back"
+         was purged up to index {purged}: the entries in between are gone. Either state/ lost data it had \
+         made durable (damaged, truncated or restored from an older copy) or the process stopped while \
+         installing a snapshot from the leader. This node cannot recover by itself: remove it from the \
+         cluster, wipe its data directory and add it back"
     )]
     StoreBehindLog { applied: u64, purged: u64 },
 }

@@ -38,6 +38,8 @@ pub enum ServerError {
     /// no longer take part, and must not go on serving reads from a store nothing updates.
     #[error("raft stopped: {0}; the node stopped serving (restart it; if it stops again, replace it)")]
     RaftStopped(String),
+    #[error("the gRPC server's task failed: {0}")]
+    ServeTask(String),
 }
 
 /// Runs a node on an already-bound listener until `shutdown` resolves, then stops gracefully:
@@ -53,10 +55,8 @@ pub async fn run(
     node.shutdown().await;
     match res {
         Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "server task failed");
-            Ok(())
-        }
+        // A panic in the serving task: the process must not exit as if it had stopped cleanly.
+        Err(e) => Err(ServerError::ServeTask(e.to_string())),
     }
 }
 
@@ -218,12 +218,17 @@ async fn start(
 async fn raft_stopped(raft: busbar_raft::Raft) -> String {
     let mut metrics = raft.metrics();
     loop {
-        match &metrics.borrow_and_update().running_state {
-            Err(openraft::error::Fatal::Stopped) | Ok(()) => {}
+        let running = match &metrics.borrow_and_update().running_state {
+            Ok(()) => true,
+            Err(openraft::error::Fatal::Stopped) => false,
             Err(fatal) => return fatal.to_string(),
-        }
+        };
         if metrics.changed().await.is_err() {
-            // Raft was dropped: nothing more can happen.
+            // The core's task ended and dropped the metrics: after a shutdown asked for, fine;
+            // while running, it panicked (a panic is not reported in the metrics).
+            if running {
+                return "the raft core ended without reporting why (it panicked)".into();
+            }
             return std::future::pending().await;
         }
     }
@@ -255,6 +260,17 @@ impl ServerHandle {
     /// Whether its gRPC server still runs (it stops by itself when Raft stops on a fatal error).
     pub fn serving(&self) -> bool {
         !self.serve.is_finished()
+    }
+
+    /// Waits for its gRPC server to end by itself (see [`ServerHandle::serving`]), then stops Raft;
+    /// returns how the server ended.
+    pub async fn ended(mut self) -> Result<(), String> {
+        let res = match (&mut self.serve).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the server task failed: {e}")),
+        };
+        self.node.shutdown().await;
+        res
     }
 
     /// Graceful stop, as on SIGTERM.
