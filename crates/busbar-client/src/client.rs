@@ -110,9 +110,10 @@ pub struct Client {
     /// otherwise a write that must not be applied twice (`with_retry_unsent`) is reported as
     /// INDETERMINATE.
     channels: Arc<Mutex<HashMap<String, KeptChannel>>>,
-    /// The leader the last NOT_LEADER answer named. Calls start there, so a client whose first
-    /// broker is a follower does not pay a redirect on every write. Forgotten when a call there
-    /// fails at the transport level or it no longer knows a leader.
+    /// Where the leader is believed to be: named by the last NOT_LEADER answer, or found by the
+    /// `Producer`'s and consumers' leader cache (`leader::LeaderCache`, which keeps it here too).
+    /// Calls start there, so a client whose first broker is a follower does not pay a redirect on
+    /// every write. Forgotten when a call there fails.
     leader_hint: Arc<Mutex<Option<String>>>,
 }
 
@@ -169,17 +170,20 @@ impl Client {
         self.channels.lock().unwrap_or_else(PoisonError::into_inner).remove(addr);
     }
 
-    fn leader_hint(&self) -> Option<String> {
+    pub(crate) fn leader_hint(&self) -> Option<String> {
         self.leader_hint.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Remembers `addr` as the leader (`Some`), or forgets the hint if it is still `forget`.
-    fn update_leader_hint(&self, addr: Option<&str>, forget: &str) {
+    pub(crate) fn set_leader_hint(&self, addr: &str) {
+        *self.leader_hint.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr.to_string());
+    }
+
+    /// `addr` failed or is no longer the leader. Only forgotten if still the hint, so a failure of
+    /// an old attempt does not discard a leader someone else has just found.
+    pub(crate) fn forget_leader_hint(&self, addr: &str) {
         let mut hint = self.leader_hint.lock().unwrap_or_else(PoisonError::into_inner);
-        match addr {
-            Some(a) => *hint = Some(a.to_string()),
-            None if hint.as_deref() == Some(forget) => *hint = None,
-            None => {}
+        if hint.as_deref() == Some(addr) {
+            *hint = None;
         }
     }
 
@@ -269,7 +273,7 @@ impl Client {
                 Ok(ch) => ch,
                 Err(e) => {
                     if let Some(addr) = preferred.take() {
-                        self.update_leader_hint(None, &addr);
+                        self.forget_leader_hint(&addr);
                     }
                     last = e;
                     tokio::time::sleep(backoff).await;
@@ -283,7 +287,7 @@ impl Client {
                     let err = ClientError::from_status(&st);
                     // Whatever failed there, later calls stop starting there: a leader cut off from
                     // the others answers INDETERMINATE (its writes cannot commit), never NOT_LEADER.
-                    self.update_leader_hint(None, &addr);
+                    self.forget_leader_hint(&addr);
                     if matches!(err, ClientError::NoBroker { .. }) {
                         self.drop_channel(&addr);
                     }
@@ -292,7 +296,7 @@ impl Client {
                         ClientError::Api { code: codes::NOT_LEADER, leader_addr: Some(leader), .. }
                             if *leader != addr =>
                         {
-                            self.update_leader_hint(Some(leader), &addr);
+                            self.set_leader_hint(leader);
                             preferred = Some(leader.clone());
                         }
                         ClientError::Api {

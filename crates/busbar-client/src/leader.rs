@@ -2,42 +2,29 @@
 //! metadata reads. Writes must reach the leader; asking it also gives read-your-writes for topic
 //! metadata right after a topic is created (followers apply the creation a moment later).
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
 use busbar_proto::v1 as pb;
 use tonic::transport::Channel;
 
 use crate::client::Client;
 use crate::error::ClientError;
 
-#[derive(Default)]
-struct Cached {
-    /// Where the leader is believed to be (from a redirect or from metadata). Its channel is the
-    /// client's kept one, asked for per call (a channel kept here would outlive its connection).
-    addr: Option<String>,
-}
-
-/// A shared belief about the leader. Concurrent users may each rediscover it after a failure; that
-/// costs a few extra metadata calls, never a wrong answer (a non-leader redirects).
+/// Finds the leader when the client has no belief about it. The belief itself is the client's
+/// leader hint, shared by every user of the client (its clones, producers, consumers). Concurrent
+/// users may each rediscover it after a failure; that costs a few extra metadata calls, never a
+/// wrong answer (a non-leader redirects). Its channel is the client's kept one, asked for per call
+/// (a channel kept here would outlive its connection).
 pub(crate) struct LeaderCache {
     client: Client,
-    cached: Mutex<Cached>,
 }
 
 impl LeaderCache {
     pub(crate) fn new(client: Client) -> Self {
-        Self { client, cached: Mutex::new(Cached::default()) }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Cached> {
-        // The guarded data is two plain fields, always consistent: a panic elsewhere cannot have
-        // left it half-written.
-        self.cached.lock().unwrap_or_else(PoisonError::into_inner)
+        Self { client }
     }
 
     /// A channel to the leader, or failing that to a broker that will redirect or say there is none.
     pub(crate) async fn channel(&self) -> Result<(String, Channel), ClientError> {
-        let hint = self.lock().addr.clone();
+        let hint = self.client.leader_hint();
         let (addr, ch) = match hint {
             Some(addr) => match self.client.channel_to(&addr).await {
                 Ok(ch) => (addr, ch),
@@ -48,22 +35,18 @@ impl LeaderCache {
             },
             None => self.discover().await?,
         };
-        self.lock().addr = Some(addr.clone());
+        self.client.set_leader_hint(&addr);
         Ok((addr, ch))
     }
 
     /// A NOT_LEADER answer named the leader: go there next.
     pub(crate) fn redirect(&self, addr: &str) {
-        self.lock().addr = Some(addr.to_string());
+        self.client.set_leader_hint(addr);
     }
 
-    /// `addr` failed or is no longer the leader. Only forgotten if still current, so a failure of
-    /// an old attempt does not discard a leader someone else has just found.
+    /// `addr` failed or is no longer the leader (see [`Client::forget_leader_hint`]).
     pub(crate) fn forget(&self, addr: &str) {
-        let mut c = self.lock();
-        if c.addr.as_deref() == Some(addr) {
-            *c = Cached::default();
-        }
+        self.client.forget_leader_hint(addr);
     }
 
     /// Asks every broker at once who leads and takes the answer most of them give: a deposed
