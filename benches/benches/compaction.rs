@@ -7,6 +7,9 @@
 //! BENCH_KEEP=5/8 cargo bench -p busbar-benches --bench compaction    # files 62% live
 //! BENCH_SCALE=0.2 BENCH_BATCH=1x100 BENCH_KEEP=1/2 cargo bench -p busbar-benches --bench compaction
 //!     # 1M references of one-record batches: rounds look at a bounded stretch each
+//! BENCH_SCALE=0.05 BENCH_BATCH=1x100 BENCH_KEEP=1/2 BENCH_APPLY_VERSION=2 cargo bench -p busbar-benches --bench compaction
+//!     # one-record batches as before apply version 3 (each its own stored batch), to set beside
+//!     # the same without BENCH_APPLY_VERSION (merged into each partition's last batch)
 //! ```
 //!
 //! Two topics of one partition take batches of 64 records of 1 KiB in turn: `bulk` nine of every
@@ -18,6 +21,8 @@
 //! reads `keep` back whole.
 //!
 //! `BENCH_DIR` chooses the directory, as for the storage bench (never a tmpfs: sync costs matter).
+//! `BENCH_APPLY_VERSION` the rules the store applies by (default: the newest this build knows, as
+//! a cluster of one build raises its log to).
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +60,16 @@ fn batch(seed: u64, records: usize, record_bytes: usize) -> Result<RecordBatch> 
     Ok(RecordBatch::encode(&records)?)
 }
 
+/// `BENCH_APPLY_VERSION`: 1 up to the newest this build knows.
+fn apply_version() -> Result<u32> {
+    let newest = busbar_storage::apply_version::APPLY_VERSION;
+    let Ok(v) = std::env::var("BENCH_APPLY_VERSION") else { return Ok(newest) };
+    match v.trim().parse::<u32>() {
+        Ok(n) if (1..=newest).contains(&n) => Ok(n),
+        _ => bail!("BENCH_APPLY_VERSION must be 1 to {newest}, not {v:?}"),
+    }
+}
+
 fn apply(store: &TopicStore, cmd: &Command, pos: &mut u64) -> Result<()> {
     *pos += 1;
     let r = store.apply(&[Some(cmd)], Bytes::copy_from_slice(&pos.to_be_bytes()))?;
@@ -85,6 +100,8 @@ fn main() -> Result<()> {
     let store = TopicStore::open(&tmp.path().join("state"), &TopicStoreOptions::default())?;
     let (keep, bulk) = (TopicName::new("keep")?, TopicName::new("bulk")?);
     let mut pos = 0;
+    let version = apply_version()?;
+    apply(&store, &Command::SetApplyVersion { version }, &mut pos)?;
     for name in [&keep, &bulk] {
         let create = Command::CreateTopic { name: name.clone(), partitions: 1, config: Default::default() };
         apply(&store, &create, &mut pos)?;
@@ -158,7 +175,7 @@ fn main() -> Result<()> {
     println!();
     println!("busbar compaction bench, {}", utc_now());
     println!(
-        "dir {}, BENCH_SCALE={scale}: {batches} batches of {records_per_batch} x {record_bytes} B written in {write_secs:.1} s, {keep_k} in {keep_n} to keep ({:.1} MB live)",
+        "dir {}, BENCH_SCALE={scale}, apply version {version}: {batches} batches of {records_per_batch} x {record_bytes} B written in {write_secs:.1} s, {keep_k} in {keep_n} to keep ({:.1} MB live)",
         tmp.path().display(),
         live_payload as f64 / MB
     );

@@ -16,13 +16,20 @@
 //!   recently used are evicted, and a producer with no state in a partition may only start at
 //!   sequence 0 (UNKNOWN_PRODUCER_ID otherwise). Entering 2 restamps every state held in key order,
 //!   so that the stamps every node assigned before (by its own build's history) do not matter.
+//! - **3**: a partition's last batch takes in the next records while both together stay within
+//!   `TAIL_MERGE_BYTES` (`crate::topic_store`): one-record requests at a low rate no longer make
+//!   a stored batch (and a sled reference) each. Batch boundaries move, so every node must do it
+//!   from the same entry on.
 
 /// The version of a store that never applied [`busbar_types::Command::SetApplyVersion`].
 pub const LEGACY_APPLY_VERSION: u32 = 1;
 
 /// The highest version this build can apply. A log that asks for a higher one stops this node's
 /// state machine (it cannot apply the entries that follow the way the others will).
-pub const APPLY_VERSION: u32 = 2;
+pub const APPLY_VERSION: u32 = 3;
 
 /// From this version on, producer states are bounded and a stateless producer must start at 0.
 pub(crate) const BOUNDED_PRODUCERS: u32 = 2;
+
+/// From this version on, small batches are merged into the partition's last batch.
+pub(crate) const MERGED_TAILS: u32 = 3;

@@ -504,6 +504,13 @@ impl BatchFiles {
         f.live += 1;
     }
 
+    /// Test hook: how many files were written since the last sync.
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn unsynced_files(&self) -> usize {
+        self.state.lock().unwrap().dirty.len()
+    }
+
     /// Number of batch files.
     pub fn count(&self) -> Result<usize, StoreError> {
         Ok(self.state.lock().map_err(lock_err)?.files.len())

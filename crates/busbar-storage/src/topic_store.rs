@@ -34,11 +34,17 @@
 //! reading. That is what lets an export read a consistent point-in-time view while appends go on:
 //! the data is append-only and bounded by the end offsets captured at the snapshot's index.
 //!
-//! The one change to a committed reference is [`TopicStore::compact`]'s: it copies the live batches
-//! of mostly dead batch files into a new file and points their references there (same key, same
+//! Two things change a committed reference. [`TopicStore::compact`] copies the live batches of
+//! mostly dead batch files into a new file and points their references there (same key, same
 //! bytes), so that the old files can go. It runs while no export or reclaim does, makes the copies
 //! and then the new references durable before it releases the old files, and waits for readers
-//! that may hold an old reference (`relocation`).
+//! that may hold an old reference (`relocation`). And from apply version 3 on, apply merges small
+//! batches into the partition's last one (see [`TAIL_MERGE_BYTES`]): the last batch's key then
+//! names a new, longer version. Versions of a key only ever grow, so of two a reader finds the one
+//! with more records is the newer. The merged bytes are fdatasynced before sled may hold the new
+//! reference (an export of an earlier snapshot reads that key, and must find its bytes after a
+//! power loss), and the superseded version is released only after the next durable flush (until
+//! then sled on disk may still name it), while no reader is between finding and reading a reference.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -55,7 +61,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::apply_version::{APPLY_VERSION, BOUNDED_PRODUCERS, LEGACY_APPLY_VERSION};
+use crate::apply_version::{APPLY_VERSION, BOUNDED_PRODUCERS, LEGACY_APPLY_VERSION, MERGED_TAILS};
 use crate::batch_files::{BatchFiles, BatchRef, FileUse, GenerationUse, Lane};
 use crate::groups::{GroupState, Topics};
 use crate::snapshot_file::{FrameKind, FrameReader, FrameWriter};
@@ -271,6 +277,9 @@ struct Inner {
     /// Set at open when a reachable reference names bytes that are not on disk (see the module
     /// documentation); cleared by [`TopicStore::rebuild_from`].
     lost: Mutex<Option<String>>,
+    /// Versions of merged tail batches that a newer version replaced (see [`TAIL_MERGE_BYTES`]):
+    /// released after the next durable flush. Changed under `apply_lock`.
+    superseded: Mutex<Vec<BatchRef>>,
 }
 
 impl Inner {
@@ -295,6 +304,14 @@ impl Inner {
             }
             b
         };
+        if deferred.merged_tails {
+            // A merged tail replaces a reference an earlier snapshot's export reads (to rebuild
+            // this store after a power loss, too): its bytes must be on disk before sled, which
+            // flushes on its own, can name them. Under `flushing`: a concurrent flush must not
+            // record these files as synced while the fdatasyncs still run.
+            let _flush = self.flushing.lock().map_err(lock_err)?;
+            self.files.sync()?;
+        }
         let meta_batch = deferred.meta.to_batch();
         (&generation.meta_tree, &generation.records)
             .transaction(|(m, r)| {
@@ -453,6 +470,7 @@ impl TopicStore {
                 deferred: Mutex::new(Deferred::default()),
                 uncommitted_refs: RwLock::new(UncommittedRefs { generation: gen_id, refs: BTreeMap::new() }),
                 lost: Mutex::new(lost),
+                superseded: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -552,6 +570,12 @@ impl TopicStore {
     ) -> Result<Vec<CommandResponse>, StoreError> {
         let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
         let cur = self.current()?;
+        if self.inner.superseded.lock().map_err(lock_err)?.len() >= MAX_SUPERSEDED {
+            // Bounded memory: no snapshot made the store durable for a long while.
+            let superseded = self.commit_taking_superseded(&cur.generation)?;
+            self.sync_committed()?;
+            self.release_superseded(&superseded)?;
+        }
         let defer = commands.iter().all(|c| c.is_none_or(defers_commit));
         if !defer {
             // Whatever else it does (a retention cut sizes batches, a deletion queues them) reads
@@ -576,7 +600,9 @@ impl TopicStore {
             generation: cur.generation.id,
             group_offsets_moved: 0,
             meta_batch: TreeWrites::default(),
-            records_batch: Vec::new(),
+            records_batch: BTreeMap::new(),
+            uncommitted: &self.inner.uncommitted_refs,
+            superseded: Vec::new(),
             staged: BTreeMap::new(),
             pending: BTreeMap::new(),
         };
@@ -602,6 +628,7 @@ impl TopicStore {
             producer_clock,
             mut meta_batch,
             records_batch,
+            superseded,
             groups,
             touched_groups,
             group_offsets_moved,
@@ -627,6 +654,8 @@ impl TopicStore {
             let mut deferred = self.inner.deferred.lock().map_err(lock_err)?;
             deferred.meta.merge(meta_batch);
             deferred.applies += 1;
+            deferred.merged_tails |= !superseded.is_empty();
+            self.inner.superseded.lock().map_err(lock_err)?.extend(superseded);
             let mut refs = self.inner.uncommitted_refs.write().map_err(lock_err)?;
             refs.refs.extend(records_batch);
             !defer || deferred.applies >= MAX_DEFERRED_APPLIES || refs.refs.len() >= MAX_DEFERRED_REFS
@@ -782,6 +811,10 @@ impl TopicStore {
                 if off < offset {
                     continue;
                 }
+                if off >= state.end_offset {
+                    // A tail merged into since this reader took the end offset.
+                    return Ok(result);
+                }
                 bytes += record.encoded_len_hint();
                 result.records.push((off, record));
                 if result.records.len() >= max_records || bytes >= max_bytes {
@@ -798,11 +831,34 @@ impl TopicStore {
     /// Makes everything applied so far durable, against power loss (see [`crate::durable`]).
     /// Called before the Raft log below the applied index may be purged.
     pub fn flush_durable(&self) -> Result<(), StoreError> {
-        {
+        let superseded = {
             let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
-            self.inner.commit_deferred(&self.current()?.generation)?;
+            self.commit_taking_superseded(&self.current()?.generation)?
+        };
+        self.sync_committed()?;
+        self.release_superseded(&superseded)
+    }
+
+    /// Commits the deferred applies and takes the tail versions replaced so far: once the store is
+    /// synced, sled on disk names none of them. The caller holds `apply_lock`.
+    fn commit_taking_superseded(&self, generation: &Generation) -> Result<Vec<BatchRef>, StoreError> {
+        self.inner.commit_deferred(generation)?;
+        Ok(std::mem::take(&mut *self.inner.superseded.lock().map_err(lock_err)?))
+    }
+
+    /// Releases replaced tail versions (taken by [`commit_taking_superseded`] before a durable
+    /// sync), while no reader is between finding a reference and reading it.
+    ///
+    /// [`commit_taking_superseded`]: Self::commit_taking_superseded
+    fn release_superseded(&self, superseded: &[BatchRef]) -> Result<(), StoreError> {
+        if superseded.is_empty() {
+            return Ok(());
         }
-        self.sync_committed()
+        let emptied = {
+            let _no_readers = self.inner.relocation.write().map_err(lock_err)?;
+            self.inner.files.release_keeping_files(superseded.iter())?
+        };
+        self.inner.files.unlink_released(&emptied)
     }
 
     /// Makes what sled holds durable, and the batch files under it (no deferred applies: the
@@ -913,14 +969,30 @@ impl TopicStore {
             // longer pinned) would be a hole, and a follower must never install one.
             let mut next = state.start_offset;
             for kv in cur.generation.records.range(range) {
-                let (k, v) = kv?;
-                // Verify before shipping: a corrupt batch must stop the snapshot, not spread.
+                let (k, _) = kv?;
                 let what = || format!("batch {topic_id}/{partition} key {k:?}");
-                let stored = self.inner.files.read(&what, &BatchRef::decode(&what, &v)?)?;
-                let records = batch::decode(&what, &stored)?;
+                let (mut stored, mut records) = {
+                    // The reference as it is now, read while no replaced tail version is released
+                    // (the one the scan found may have been replaced since).
+                    let _stable = self.inner.relocation.read().map_err(lock_err)?;
+                    let Some(v) = cur.generation.records.get(&k)? else {
+                        return Err(missing_from_snapshot(topic_id, partition, next));
+                    };
+                    let stored = self.inner.files.read(&what, &BatchRef::decode(&what, &v)?)?;
+                    // Verify before shipping: a corrupt batch must stop the snapshot, not spread.
+                    let records = batch::decode(&what, &stored)?;
+                    (stored, records)
+                };
                 let base = batch::parse_key(&k).map(|(_, _, base)| base);
                 if base != Some(next) {
                     return Err(missing_from_snapshot(topic_id, partition, next));
+                }
+                let wanted = state.end_offset - next;
+                if records.len() as u64 > wanted {
+                    // The partition's last batch, merged into since the snapshot: cut back to what
+                    // it held then, so the snapshot is the state at its index exactly.
+                    records.truncate(usize::try_from(wanted).unwrap_or(usize::MAX));
+                    stored = batch::encode(&records)?;
                 }
                 next += records.len() as u64;
                 fw.frame(FrameKind::Batch, &[&k, &stored]).map_err(io_err)?;
@@ -1216,7 +1288,8 @@ impl TopicStore {
             return Ok(CompactionSummary::default());
         }
         // Every reference into a closed file is in sled from here on: apply adds references only to
-        // its active file, and a closed file never becomes active again.
+        // its active file, and a closed file never becomes active again. (The one such reference
+        // apply may still replace, a partition's last batch it merges into, the swap checks.)
         let cur = {
             let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
             let cur = self.current()?;
@@ -1362,9 +1435,12 @@ impl TopicStore {
             }
             let mut swap = sled::Batch::default();
             let mut unchanged = Vec::with_capacity(chunk.len());
+            let uncommitted = self.inner.uncommitted_refs.read().map_err(lock_err)?;
             for m in &chunk {
-                // Apply only adds references; reclaim may have deleted this one while we copied.
-                let same = now.generation.records.get(&m.key)?.as_ref() == Some(&m.old_value);
+                // Reclaim may have deleted this one while we copied, or apply merged into it (a
+                // partition's last batch; see `TAIL_MERGE_BYTES`), perhaps not in sled yet.
+                let same = now.generation.records.get(&m.key)?.as_ref() == Some(&m.old_value)
+                    && !uncommitted.refs.contains_key(&m.key);
                 if same {
                     swap.insert(m.key.clone(), m.new.encode()?);
                 }
@@ -1944,6 +2020,8 @@ impl TreeWrites {
 struct Deferred {
     meta: TreeWrites,
     applies: usize,
+    /// One of them merged a partition's tail batch (see [`Inner::commit_deferred`]).
+    merged_tails: bool,
 }
 
 /// The references to batches stored by applies not committed to sled yet: key → [`BatchRef`], as
@@ -1977,8 +2055,21 @@ impl Iterator for MergedRefs {
             (Some(_), None) => false,
             (Some(c), Some((u, _))) => {
                 if u == c {
-                    self.uncommitted.next();
-                    false
+                    // Two versions of one key: a merged tail (see `TAIL_MERGE_BYTES`) newer in
+                    // memory than in sled, or the same reference twice. Versions only grow: the
+                    // one naming more records is the newer.
+                    let count = |v: &sled::IVec| BatchRef::decode(&String::new, v).map_or(0, |r| r.count);
+                    let (_, mine) = self.uncommitted.peek()?;
+                    let newer_in_memory = match self.committed.peek() {
+                        Some(Ok((_, theirs))) => count(mine) > count(theirs),
+                        _ => false,
+                    };
+                    if newer_in_memory {
+                        self.committed.next();
+                    } else {
+                        self.uncommitted.next();
+                    }
+                    newer_in_memory
                 } else {
                     u < c
                 }
@@ -2013,8 +2104,13 @@ struct Work<'a> {
     /// Group offsets this apply moved up to a new start offset (see `group_offsets_moved`).
     group_offsets_moved: u64,
     meta_batch: TreeWrites,
-    /// References to the batches this call stored, for the records tree.
-    records_batch: Vec<(sled::IVec, sled::IVec)>,
+    /// References to the batches this call stored, for the records tree (a merged tail's key may
+    /// be stored more than once: the last version wins).
+    records_batch: BTreeMap<sled::IVec, sled::IVec>,
+    /// The references of earlier apply calls not in sled yet (read to find a partition's tail).
+    uncommitted: &'a RwLock<UncommittedRefs>,
+    /// Tail versions this call replaced (see [`TAIL_MERGE_BYTES`]).
+    superseded: Vec<BatchRef>,
     /// The batches written to `records_batch` by this apply call, (topic id, partition, base) →
     /// (record count, stored size): not in `records_tree` until the transaction commits, but a
     /// later command of the same call (a retention cut) must see them.
@@ -2040,6 +2136,23 @@ struct PendingBatch<'a> {
 /// batch above it is stored alone, as sent. Well under sled's blob threshold (about 128 KiB), above
 /// which every value becomes a file of its own.
 const MERGED_BATCH_BYTES: usize = 64 << 10;
+
+/// From apply version 3 ([`MERGED_TAILS`]): an entry's records for a partition are merged into the
+/// partition's last stored batch while both together stay within this many bytes (the stored
+/// tail's length, crc and header included, plus the new records' encodings). Without it, one-record
+/// requests at a low rate, one entry each, cost about 3.5× their payload at 100 B (a batch header,
+/// a crc and a sled reference per record); merged, about 32 records of 100 B share them. A pure
+/// function of replicated state (the tail's stored length and the new records), so boundaries
+/// stay the same on every replica. The price: each merge writes the tail again (up to this many
+/// bytes per entry; the dead versions are what compaction frees) and reads it back first.
+const TAIL_MERGE_BYTES: usize = 4 << 10;
+
+/// Replaced tail versions waiting for a durable flush (see [`Inner::superseded`]) past which apply
+/// makes the store durable itself: about 40 bytes each.
+#[cfg(not(test))]
+const MAX_SUPERSEDED: usize = 65_536;
+#[cfg(test)]
+const MAX_SUPERSEDED: usize = 16;
 
 impl<'a> Work<'a> {
     /// Evicts the least recently used producer states past `max` (see `producers`). Runs after each
@@ -2128,15 +2241,87 @@ impl<'a> Work<'a> {
     }
 
     fn store_batch(&mut self, (id, partition): (u32, u32), p: PendingBatch<'a>) -> Result<(), StoreError> {
-        let encoded = batch::store(&p.parts);
-        let what = || format!("new batch {id}/{partition}@{}", p.base);
+        let tail = self.mergeable_tail(id, partition, &p)?;
+        let (base, count, encoded) = match &tail {
+            Some((base, r, records)) => {
+                let parts: Vec<&RecordBatch> = std::iter::once(records).chain(p.parts.iter().copied()).collect();
+                (*base, u64::from(r.count) + p.count, batch::store(&parts))
+            }
+            None => (p.base, p.count, batch::store(&p.parts)),
+        };
+        let what = || format!("new batch {id}/{partition}@{base}");
         let reference = self.files.store(self.generation, &what, &encoded)?;
         let state = self.meta.partitions.entry((id, partition)).or_default();
         state.bytes += encoded.len() as u64;
-        self.staged.insert((id, partition, p.base), (p.count, encoded.len() as u64));
-        self.records_batch.push((batch::key(id, partition, p.base)[..].into(), reference.encode()?.into()));
+        if let Some((_, replaced, _)) = tail {
+            state.bytes = state.bytes.saturating_sub(u64::from(replaced.len));
+            self.superseded.push(replaced);
+        }
+        self.staged.insert((id, partition, base), (count, encoded.len() as u64));
+        self.records_batch.insert(batch::key(id, partition, base)[..].into(), reference.encode()?.into());
         self.meta_batch.insert(partition_key(id, partition), checked::seal_bincode("partition state", state)?);
         Ok(())
+    }
+
+    /// The partition's last batch (its base, reference and records), if `p` is to be merged into
+    /// it (see [`TAIL_MERGE_BYTES`]): read back and checked, so that a damaged tail stops apply
+    /// rather than makes this replica's batches differ from the others'.
+    fn mergeable_tail(
+        &self,
+        id: u32,
+        partition: u32,
+        p: &PendingBatch<'_>,
+    ) -> Result<Option<(u64, BatchRef, RecordBatch)>, StoreError> {
+        if self.meta.apply_version < MERGED_TAILS || p.bytes >= TAIL_MERGE_BYTES {
+            return Ok(None);
+        }
+        let start = self.meta.partitions.get(&(id, partition)).map_or(0, |s| s.start_offset);
+        // Batches below the start offset are dropped (a retention cut at the end drops the tail).
+        let (from, to) = (batch::key(id, partition, start), batch::key(id, partition, u64::MAX));
+        let range = (std::ops::Bound::Included(&from[..]), std::ops::Bound::Excluded(&to[..]));
+        // The newest key, from this call's batches, earlier calls' uncommitted ones, or sled, in
+        // that order for a key several hold (the first is the newest version).
+        let mut candidates =
+            vec![self.records_batch.range::<[u8], _>(range).next_back().map(|(k, v)| (k.clone(), v.clone()))];
+        {
+            let u = self.uncommitted.read().map_err(lock_err)?;
+            if u.generation == self.generation {
+                candidates.push(u.refs.range::<[u8], _>(range).next_back().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+        candidates.push(self.records_tree.range(from..to).next_back().transpose()?);
+        let mut newest: Option<(sled::IVec, sled::IVec)> = None;
+        for (k, v) in candidates.into_iter().flatten() {
+            if newest.as_ref().is_none_or(|(nk, _)| k > *nk) {
+                newest = Some((k, v));
+            }
+        }
+        let Some((key, value)) = newest else { return Ok(None) };
+        let Some((_, _, base)) = batch::parse_key(&key) else {
+            return Err(StoreError::corrupt(format!("partition {id}/{partition}"), "malformed batch key"));
+        };
+        let what = || format!("batch {id}/{partition}@{base} (the partition's last, to merge into)");
+        let r = BatchRef::decode(&what, &value)?;
+        if base + u64::from(r.count) != p.base {
+            return Err(StoreError::corrupt(
+                what(),
+                format!("it ends at {} but the partition's next offset is {}", base + u64::from(r.count), p.base),
+            ));
+        }
+        if r.len as usize + p.bytes > TAIL_MERGE_BYTES || u64::from(r.count) + p.count > u64::from(u32::MAX) {
+            return Ok(None);
+        }
+        let stored = self.files.read(&what, &r)?;
+        let payload = checked::open(&what, &stored)?;
+        let records = RecordBatch::from_bytes(Bytes::copy_from_slice(payload))
+            .map_err(|e| StoreError::corrupt(what(), e.to_string()))?;
+        if records.count() != r.count {
+            return Err(StoreError::corrupt(
+                what(),
+                format!("it holds {} records, its reference says {}", records.count(), r.count),
+            ));
+        }
+        Ok(Some((base, r, records)))
     }
 
     fn apply_one(&mut self, cmd: &'a Command) -> Result<CommandResponse, StoreError> {
@@ -2328,6 +2513,10 @@ impl<'a> Work<'a> {
         for kv in self.records_tree.range(range) {
             let (k, v) = kv?;
             if let Some((_, _, base)) = batch::parse_key(&k) {
+                if self.staged.contains_key(&(topic_id, partition, base)) {
+                    // A tail this call merged into: its staged version is the newer.
+                    continue;
+                }
                 let r = BatchRef::decode(&|| format!("batch {topic}/{partition}@{base}"), &v)?;
                 dropped += u64::from(r.len);
                 boundary |= base + u64::from(r.count) == new_start;
@@ -4142,5 +4331,272 @@ mod tests {
         assert_eq!(stored_batches(&a), stored_batches(&b));
         assert_eq!(stored_batches(&a).len(), 6 * 2 + 1, "one batch per partition per entry");
         assert_eq!(a.partition_offsets("m").unwrap(), b.partition_offsets("m").unwrap());
+    }
+
+    // Merged tails (apply version 3, `TAIL_MERGE_BYTES`).
+
+    fn at_merged_tails(store: &TopicStore, topic: &str, partitions: u32) {
+        set_version(store, MERGED_TAILS).unwrap();
+        let create = Command::CreateTopic { name: name(topic), partitions, config: TopicConfig::default() };
+        store.apply(&[Some(&create)], Bytes::from_static(b"c")).unwrap();
+    }
+
+    fn hundred_bytes(i: usize) -> String {
+        format!("{i:0>100}")
+    }
+
+    fn produce_one(store: &TopicStore, topic: &str, i: usize) -> u64 {
+        let v = hundred_bytes(i);
+        match produce(store, topic, 0, &[v.as_str()], (i % 251) as u8) {
+            CommandResponse::Produced { base_offset, .. } => base_offset,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every record of partition 0 from `from`, read in small fetches: (offset, value).
+    fn read_all(store: &TopicStore, topic: &str, from: u64) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        let mut at = from;
+        while at < store.end_offset(topic, 0).unwrap() {
+            let got = store.read(topic, 0, at, 7, 1 << 20).unwrap();
+            assert!(!got.records.is_empty());
+            for (off, r) in got.records {
+                assert_eq!(off, at);
+                out.push((off, String::from_utf8(r.value.to_vec()).unwrap()));
+                at += 1;
+            }
+        }
+        out
+    }
+
+    /// One-record entries (the shape of one-record requests at a low rate) end up in few stored
+    /// batches, every record still read at its offset, before and after a reopen, and the
+    /// partition's byte count is what its batches hold.
+    #[test]
+    fn one_record_entries_merge_into_the_partitions_last_batch_up_to_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open_store(dir.path());
+            at_merged_tails(&store, "t", 1);
+            for i in 0..300 {
+                assert_eq!(produce_one(&store, "t", i), i as u64);
+            }
+            let expected: Vec<(u64, String)> = (0..300).map(|i| (i as u64, hundred_bytes(i))).collect();
+            assert_eq!(read_all(&store, "t", 0), expected);
+            assert_eq!(read_all(&store, "t", 123), expected[123..]);
+            let batches = stored_batches(&store);
+            // 100-byte records take 125 bytes stored: 32 to a batch under 4 KiB.
+            assert!((9..=12).contains(&batches.len()), "{} batches for 300 records", batches.len());
+            for (_, stored) in &batches[..batches.len() - 1] {
+                assert!(stored.len() <= TAIL_MERGE_BYTES && stored.len() > TAIL_MERGE_BYTES - 300, "{}", stored.len());
+            }
+            let held: u64 = batches.iter().map(|(_, v)| v.len() as u64).sum();
+            assert_eq!(store.partition_offsets("t").unwrap()[0].bytes, held);
+            store.flush_durable().unwrap();
+            assert_eq!(store.inner.files.live_bytes().unwrap(), held, "replaced versions released after the flush");
+        }
+        let store = open_store(dir.path());
+        let expected: Vec<(u64, String)> = (0..300).map(|i| (i as u64, hundred_bytes(i))).collect();
+        assert_eq!(read_all(&store, "t", 0), expected);
+        assert_eq!(produce_one(&store, "t", 300), 300, "merging goes on after a reopen");
+        assert_eq!(read_all(&store, "t", 299).len(), 2);
+    }
+
+    /// A merged tail's bytes are synced before sled holds its reference (sled may write it out on
+    /// its own at any time, and an export of an earlier snapshot reads that key); a batch that
+    /// merged nothing is not (a lost new batch is past every snapshot: the log replays it).
+    #[test]
+    fn a_merged_tail_is_synced_before_its_reference_reaches_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        at_merged_tails(&store, "t", 1);
+        produce_one(&store, "t", 0);
+        commit(&store);
+        assert_eq!(store.inner.files.unsynced_files(), 1, "a new batch's commit does not sync");
+        produce_one(&store, "t", 1);
+        assert_eq!(store.inner.files.unsynced_files(), 1);
+        commit(&store);
+        assert_eq!(store.inner.files.unsynced_files(), 0, "a merged tail's commit syncs first");
+    }
+
+    /// With no snapshot flushing the store, replaced tail versions still do not pile up: apply
+    /// makes the store durable and releases them past `MAX_SUPERSEDED`.
+    #[test]
+    fn replaced_tail_versions_are_bounded_without_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        at_merged_tails(&store, "t", 1);
+        for i in 0..200 {
+            produce_one(&store, "t", i);
+            assert!(store.inner.superseded.lock().unwrap().len() <= MAX_SUPERSEDED);
+        }
+        let held: u64 = stored_batches(&store).iter().map(|(_, v)| v.len() as u64).sum();
+        let live = store.inner.files.live_bytes().unwrap();
+        assert!(live - held <= MAX_SUPERSEDED as u64 * TAIL_MERGE_BYTES as u64, "{live} live, {held} held");
+        assert_eq!(read_all(&store, "t", 0).len(), 200);
+    }
+
+    /// Before the log reaches version 3 every entry is its own batch, as on nodes of older builds.
+    #[test]
+    fn tails_are_not_merged_before_the_log_reaches_apply_version_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        set_version(&store, BOUNDED_PRODUCERS).unwrap();
+        create(&store, "t", 0);
+        for i in 0..20 {
+            produce_one(&store, "t", i);
+        }
+        assert_eq!(stored_batches(&store).len(), 20);
+        set_version(&store, MERGED_TAILS).unwrap();
+        produce_one(&store, "t", 20);
+        assert_eq!(stored_batches(&store).len(), 20, "from version 3 on the last one takes in the next");
+    }
+
+    /// A tail merged into in memory while sled still holds its older version: a read past the older
+    /// version's end finds the newer one (of two versions of a key, the longer).
+    #[test]
+    fn a_read_finds_a_tail_merged_in_memory_over_its_older_version_in_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        at_merged_tails(&store, "t", 1);
+        for i in 0..3 {
+            produce_one(&store, "t", i);
+        }
+        commit(&store);
+        produce_one(&store, "t", 3);
+        assert!(!store.inner.uncommitted_refs.read().unwrap().refs.is_empty(), "the merge is not in sled yet");
+        let got = store.read("t", 0, 3, 10, 1 << 20).unwrap();
+        assert_eq!(got.records.len(), 1);
+        assert_eq!(got.records[0].0, 3);
+        assert_eq!(read_all(&store, "t", 0).len(), 4);
+    }
+
+    /// Merging is a function of the log alone: however entries are grouped into apply calls (and
+    /// so whether the tail is in this call, in memory, or in sled), the stored batches are the same.
+    #[test]
+    fn merged_tails_do_not_depend_on_how_entries_are_grouped_into_apply_calls() {
+        let mut entries = vec![
+            Command::SetApplyVersion { version: MERGED_TAILS },
+            Command::CreateTopic { name: name("m"), partitions: 2, config: TopicConfig::default() },
+        ];
+        for e in 0..120u32 {
+            entries.push(if e % 10 == 0 {
+                Command::Batch(
+                    (0..4u32).map(|i| small_produce("m", (e + i) % 2, &hundred_bytes(i as usize), None)).collect(),
+                )
+            } else {
+                small_produce("m", e % 2, &hundred_bytes(e as usize), None)
+            });
+        }
+        let one_call = tempfile::tempdir().unwrap();
+        let a = open_store(one_call.path());
+        let all: Vec<Option<&Command>> = entries.iter().map(Some).collect();
+        a.apply(&all, Bytes::from_static(b"end")).unwrap();
+        let call_each = tempfile::tempdir().unwrap();
+        let b = open_store(call_each.path());
+        for (i, e) in entries.iter().enumerate() {
+            b.apply(&[Some(e)], Bytes::from_static(b"end")).unwrap();
+            if i % 17 == 0 {
+                commit(&b);
+            }
+        }
+        let batches = stored_batches(&a);
+        assert_eq!(batches, stored_batches(&b));
+        assert!(batches.len() < 20, "{} batches for 156 records", batches.len());
+        assert_eq!(a.partition_offsets("m").unwrap(), b.partition_offsets("m").unwrap());
+    }
+
+    /// A snapshot taken before more records were merged into a partition's last batch streams that
+    /// batch cut back to the snapshot's end; a replica installing it and applying the same entries
+    /// after it ends with the same batches as the source.
+    #[test]
+    fn a_snapshot_cuts_a_tail_merged_after_it_back_to_its_end() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = open_store(a_dir.path());
+        let b = open_store(b_dir.path());
+        at_merged_tails(&a, "t", 1);
+        for i in 0..40 {
+            produce_one(&a, "t", i);
+        }
+        let manifest = a.capture_snapshot().unwrap();
+        let later: Vec<Command> = (40..50).map(|i| small_produce("t", 0, &hundred_bytes(i), None)).collect();
+        for c in &later {
+            a.apply(&[Some(c)], Bytes::from_static(b"later")).unwrap();
+        }
+        commit(&a);
+        let (_, buf) = a.export_snapshot(&manifest, Vec::new()).unwrap();
+        b.import_snapshot(&buf[..], "test").unwrap();
+        assert_eq!(b.end_offset("t", 0).unwrap(), 40);
+        assert_eq!(read_all(&b, "t", 0), (0..40).map(|i| (i as u64, hundred_bytes(i))).collect::<Vec<_>>());
+        assert_eq!(
+            b.partition_offsets("t").unwrap()[0].bytes,
+            stored_batches(&b).iter().map(|(_, v)| v.len() as u64).sum::<u64>()
+        );
+        for c in &later {
+            b.apply(&[Some(c)], Bytes::from_static(b"later")).unwrap();
+        }
+        assert_eq!(stored_batches(&a), stored_batches(&b));
+        assert_eq!(a.partition_offsets("t").unwrap(), b.partition_offsets("t").unwrap());
+    }
+
+    /// A retention cut at the end of the merged tail drops it, and the next record starts a batch of
+    /// its own; a cut inside a merged batch is refused (not a boundary).
+    #[test]
+    fn retention_cuts_between_merged_batches_and_the_next_record_starts_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        at_merged_tails(&store, "t", 1);
+        for i in 0..5 {
+            produce_one(&store, "t", i);
+        }
+        let t = store.topic("t").unwrap().unwrap();
+        let cut = |new_start| Command::TruncatePrefix { topic: name("t"), topic_id: t.id, partition: 0, new_start };
+        let inside = store.apply(&[Some(&cut(3))], Bytes::from_static(b"x")).unwrap();
+        assert!(matches!(&inside[0], CommandResponse::Rejected { code: ErrorCode::InvalidRequest, .. }), "{inside:?}");
+        // A produce merging into the tail and a cut in one call: the cut sees the merged version,
+        // not the one sled still holds (whose end, 5, is inside the merged batch now).
+        let both = [small_produce("t", 0, &hundred_bytes(5), None), cut(5)];
+        let out = store.apply(&[Some(&both[0]), Some(&both[1])], Bytes::from_static(b"y")).unwrap();
+        assert!(matches!(&out[1], CommandResponse::Rejected { code: ErrorCode::InvalidRequest, .. }), "{out:?}");
+        let both = [small_produce("t", 0, &hundred_bytes(6), None), cut(7)];
+        let out = store.apply(&[Some(&both[0]), Some(&both[1])], Bytes::from_static(b"z")).unwrap();
+        assert!(matches!(out[1], CommandResponse::PrefixTruncated { start_offset: 7 }), "{out:?}");
+        assert_eq!(store.partition_offsets("t").unwrap()[0].bytes, 0);
+        assert_eq!(produce_one(&store, "t", 7), 7);
+        assert_eq!(read_all(&store, "t", 7), vec![(7, hundred_bytes(7))]);
+        while store.reclaim(100).unwrap() > 0 {}
+        let batches = stored_batches(&store);
+        assert_eq!(batches.len(), 1, "the dropped tail is reclaimed, the new record is a batch of its own");
+    }
+
+    /// Compaction copies a partition's last batch; apply merges into it before the swap: the swap
+    /// leaves the key alone (the copy is forgotten), whether the merge is in sled yet or not.
+    #[test]
+    fn a_compaction_swap_leaves_a_tail_apply_merged_into_since_the_copy() {
+        for committed in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open_store(dir.path());
+            at_merged_tails(&store, "t", 1);
+            for i in 0..3 {
+                produce_one(&store, "t", i);
+            }
+            commit(&store);
+            let cur = store.current().unwrap();
+            let (key, old_value) = cur.generation.records.iter().next_back().unwrap().unwrap();
+            let old = BatchRef::decode(&|| "ref".into(), &old_value).unwrap();
+            let stored = store.inner.files.read(&|| "batch".into(), &old).unwrap();
+            let new =
+                store.inner.files.store_in(Lane::Compaction, cur.generation.id, &|| "copy".into(), &stored).unwrap();
+            produce_one(&store, "t", 3);
+            if committed {
+                commit(&store);
+            }
+            let done = store.swap_references(cur.generation.id, vec![Move { key, old_value, old, new }]).unwrap();
+            assert_eq!(done.map(|d| d.len()), Some(0), "committed: {committed}");
+            assert_eq!(read_all(&store, "t", 0).len(), 4, "committed: {committed}");
+            store.flush_durable().unwrap();
+            let held: u64 = stored_batches(&store).iter().map(|(_, v)| v.len() as u64).sum();
+            assert_eq!(store.inner.files.live_bytes().unwrap(), held, "committed: {committed}");
+        }
     }
 }
