@@ -15,6 +15,7 @@
 //! Two topics of one partition take batches of 64 records of 1 KiB in turn: `bulk` nine of every
 //! ten, `keep` the tenth (`BENCH_KEEP`, default `1/10`), so every 64 MiB batch file holds both (as in
 //! a cluster where a busy, short-retained topic shares the node with a quiet, long-retained one).
+//! A compaction round runs every 65,536 batches written, as a node's reclaimer would meanwhile.
 //! Then `bulk` is deleted and reclaimed. Without compaction nothing is freed: each file still holds
 //! `keep` batches. The bench then runs compaction rounds back to back (a node's reclaimer runs one
 //! every 10 s, and the next at once while rounds move batches) until one finds nothing to do, and
@@ -36,6 +37,9 @@ const MIB: u64 = 1 << 20;
 const MB: f64 = 1e6;
 /// Live batch bytes per compaction round, as the node's reclaimer uses.
 const ROUND_BYTES: u64 = 256 << 20;
+/// A compaction round every this many batches written (about a node's every 10 s at 6,500
+/// one-record batches a second).
+const COMPACT_EVERY_BATCHES: u64 = 65_536;
 
 /// `BENCH_BATCH=RxB`: batches of R records of B bytes (default 64x1024).
 fn batch_shape() -> Result<(usize, usize)> {
@@ -122,6 +126,11 @@ fn main() -> Result<()> {
         };
         apply(&store, &cmd, &mut pos)?;
         kept_records += if to_keep { records_per_batch as u64 } else { 0 };
+        if (i + 1) % COMPACT_EVERY_BATCHES == 0 {
+            // As a node's reclaimer does while the writes go on: only files already mostly dead
+            // (replaced versions of merged tails) have anything to give back here.
+            store.compact(ROUND_BYTES)?;
+        }
     }
     store.flush_durable()?;
     let write_secs = write_start.elapsed().as_secs_f64();
