@@ -116,6 +116,12 @@ impl InProcessCluster {
         tokio::time::timeout(Duration::from_secs(20), n.ended()).await.context("the node's end")
     }
 
+    /// A topic's partitions as node `id`'s own store holds them (start, end, stored bytes).
+    pub fn store_offsets(&self, id: NodeId, topic: &str) -> anyhow::Result<Vec<busbar_storage::PartitionOffsets>> {
+        let n = self.nodes.get(&id).with_context(|| format!("node {id} is not running"))?;
+        Ok(n.node.store.partition_offsets(topic)?)
+    }
+
     /// The node's Raft handle, to put entries in its log directly.
     pub fn raft(&self, id: NodeId) -> anyhow::Result<busbar_raft::Raft> {
         Ok(self.nodes.get(&id).with_context(|| format!("node {id} is not running"))?.node.raft.clone())

@@ -163,6 +163,82 @@ async fn t30_follower_down_past_a_purge_catches_up_by_streamed_snapshot() -> any
     Ok(())
 }
 
+/// One-record writes of 100 bytes merge into each partition's last stored batch (apply version 3).
+/// A follower that was down past a purge installs a snapshot taken while that batch was still
+/// growing, with writes going on, and ends with the same records *and* the same stored batches as
+/// the others (equal byte counts: each batch adds a header and a crc to its records' bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t35_a_snapshot_of_merged_tails_leaves_the_follower_with_the_same_batches() -> anyhow::Result<()> {
+    let raft = RaftConfig { snapshot_every: 40, logs_to_keep: 5, ..test_raft_config() };
+    let mut c =
+        InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() })
+            .await?;
+    let newest = busbar_storage::apply_version::APPLY_VERSION;
+    wait::until("every node at the newest apply version", Duration::from_secs(20), || async {
+        let st = c.client().await.ok()?.cluster_status().await.ok()?;
+        (st.nodes.len() == 3 && st.nodes.iter().all(|n| n.apply_version == newest)).then_some(())
+    })
+    .await?;
+    let client = c.client().await?;
+    client.create_topic("small", 2).await?;
+    let leader = c.leader().await?;
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap_or(1);
+    c.crash(follower).await?;
+    let value = |i: usize| format!("{i:0>100}").into_bytes();
+    let mut acked = Acked::new();
+    for i in 0..300 {
+        let p = (i % 2) as u32;
+        let ack = client.produce("small", p, vec![Record::value(value(i))]).await?;
+        acked.insert((p, ack.base_offset), value(i));
+    }
+    // More entries after the leader's last snapshot than share one store transaction (32), fewer
+    // than make the next snapshot (40): the partitions' last batches in sled have grown past what
+    // the snapshot names, and its export must cut them back.
+    let mut next = 300;
+    loop {
+        let m = c.metrics(leader)?;
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        if applied.saturating_sub(m.snapshot.map(|s| s.index).unwrap_or(0)) >= 34 {
+            break;
+        }
+        anyhow::ensure!(next < 400, "no snapshot point found (applied {applied}, snapshot {:?})", m.snapshot);
+        let p = (next % 2) as u32;
+        let ack = client.produce("small", p, vec![Record::value(value(next))]).await?;
+        acked.insert((p, ack.base_offset), value(next));
+        next += 1;
+    }
+    let purged = c.metrics(leader)?.purged.map(|p| p.index).unwrap_or(0);
+    assert!(purged > 50, "leader should have purged its log (purged up to {purged})");
+
+    let taken = c.metrics(leader)?.snapshot.map(|s| s.index).unwrap_or(0);
+    c.restart(follower).await?;
+    // No writes until it is installed: a later snapshot would not show the cut.
+    let installed = wait::until("the follower to install the snapshot", Duration::from_secs(60), || async {
+        c.metrics(follower).ok()?.snapshot.map(|s| s.index).filter(|i| *i >= taken)
+    })
+    .await?;
+    assert_eq!(installed, taken, "the follower installed the snapshot taken before it came back");
+    for i in next..next + 100 {
+        let p = (i % 2) as u32;
+        let ack = client.produce("small", p, vec![Record::value(value(i))]).await?;
+        acked.insert((p, ack.base_offset), value(i));
+    }
+    c.wait_identical("small", 2, Duration::from_secs(60)).await?;
+    assert_has_all(&c, follower, "small", 2, &acked).await?;
+    assert!(installed >= 50, "the follower caught up by a snapshot (at {installed})");
+    let stores: Vec<_> = c.ids().into_iter().map(|id| c.store_offsets(id, "small")).collect::<Result<_, _>>()?;
+    for (id, s) in c.ids().into_iter().zip(&stores) {
+        assert_eq!(s, &stores[0], "node {id}'s stored batches differ from node {}'s", c.ids()[0]);
+    }
+    for p in &stores[0] {
+        let records = p.end_offset - p.start_offset;
+        // 125 bytes per 100-byte record, plus 20 per stored batch: one batch per record would be 145.
+        assert!(p.bytes < records * 130, "partition {}: {} bytes for {records} records", p.partition, p.bytes);
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
 /// A snapshot names batches in the leader's store rather than copying them; the store keeps what
 /// its snapshot names. Here a topic in the snapshot is deleted after it was taken, and the leader's
 /// reclaimer runs, before a lagging follower needs the snapshot: it must still arrive whole.
