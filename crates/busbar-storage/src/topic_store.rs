@@ -4225,6 +4225,11 @@ mod tests {
         cur.generation.records.iter().map(|kv| kv.map(|(k, v)| (k.to_vec(), resolve(&v))).unwrap()).collect()
     }
 
+    /// The bytes of every stored batch of a store (what its partitions' byte counts add up to).
+    fn held_bytes(store: &TopicStore) -> u64 {
+        stored_batches(store).iter().map(|(_, v)| v.len() as u64).sum()
+    }
+
     fn small_produce(topic: &str, p: u32, v: &str, producer: Option<ProducerSeq>) -> Command {
         Command::Produce { topic: name(topic), partition: p, records: batch_of(vec![rec(v)]), producer }
     }
@@ -4269,7 +4274,7 @@ mod tests {
         assert_eq!(vals(0), vec![(0, Bytes::from("a")), (1, Bytes::from("b")), (2, Bytes::from("d"))]);
         assert_eq!(vals(1), vec![(0, Bytes::from("x")), (1, Bytes::from("y"))]);
         let offsets = store.partition_offsets("m").unwrap();
-        let stored: u64 = stored_batches(&store).iter().map(|(_, v)| v.len() as u64).sum();
+        let stored = held_bytes(&store);
         assert_eq!(offsets.iter().map(|o| o.bytes).sum::<u64>(), stored, "bytes count what is stored");
         // A retry in a later entry still finds the original offsets.
         let retry = small_produce("m", 0, "d", seq(2));
@@ -4430,7 +4435,7 @@ mod tests {
             produce_one(&store, "t", i);
             assert!(store.inner.superseded.lock().unwrap().len() <= MAX_SUPERSEDED);
         }
-        let held: u64 = stored_batches(&store).iter().map(|(_, v)| v.len() as u64).sum();
+        let held = held_bytes(&store);
         let live = store.inner.files.live_bytes().unwrap();
         assert!(live - held <= MAX_SUPERSEDED as u64 * TAIL_MERGE_BYTES as u64, "{live} live, {held} held");
         assert_eq!(read_all(&store, "t", 0).len(), 200);
@@ -4528,10 +4533,7 @@ mod tests {
         b.import_snapshot(&buf[..], "test").unwrap();
         assert_eq!(b.end_offset("t", 0).unwrap(), 40);
         assert_eq!(read_all(&b, "t", 0), (0..40).map(|i| (i as u64, hundred_bytes(i))).collect::<Vec<_>>());
-        assert_eq!(
-            b.partition_offsets("t").unwrap()[0].bytes,
-            stored_batches(&b).iter().map(|(_, v)| v.len() as u64).sum::<u64>()
-        );
+        assert_eq!(b.partition_offsets("t").unwrap()[0].bytes, held_bytes(&b));
         for c in &later {
             b.apply(&[Some(c)], Bytes::from_static(b"later")).unwrap();
         }
@@ -4595,7 +4597,7 @@ mod tests {
             assert_eq!(done.map(|d| d.len()), Some(0), "committed: {committed}");
             assert_eq!(read_all(&store, "t", 0).len(), 4, "committed: {committed}");
             store.flush_durable().unwrap();
-            let held: u64 = stored_batches(&store).iter().map(|(_, v)| v.len() as u64).sum();
+            let held = held_bytes(&store);
             assert_eq!(store.inner.files.live_bytes().unwrap(), held, "committed: {committed}");
         }
     }
