@@ -97,10 +97,14 @@ struct State {
     /// Per generation and lane, the file it appends to.
     active: BTreeMap<(u64, Lane), u64>,
     next_seq: u64,
-    /// Written since the last sync.
+    /// Written since a sync last covered them. A file leaves the set only once an fdatasync that
+    /// began after its last completed write has finished, so concurrent syncs never claim what
+    /// another one is still syncing (each syncs what it finds here itself).
     dirty: BTreeSet<u64>,
-    /// A file was created or unlinked since the last sync.
-    dir_dirty: bool,
+    /// Files created or unlinked: counts each change of the directory. `dir_synced` is the count
+    /// the last finished directory fsync covered.
+    dir_changes: u64,
+    dir_synced: u64,
     /// A sync failed. No later sync may report success: the kernel may have dropped the pages that
     /// failed to write (the WAL does the same).
     poisoned: Option<String>,
@@ -163,7 +167,7 @@ impl BatchFiles {
         }
         // Nor may the directory entries of files created just before a crash be durable yet:
         // the first sync fsyncs the directory too (the store's own flush skips it).
-        st.dir_dirty = !st.files.is_empty();
+        st.dir_changes = u64::from(!st.files.is_empty());
         Ok(Self { dir: dir.to_path_buf(), file_bytes: file_bytes.max(1), state: Mutex::new(st) })
     }
 
@@ -233,7 +237,7 @@ impl BatchFiles {
                         live_bytes: 0,
                     },
                 );
-                st.dir_dirty = true;
+                st.dir_changes += 1;
                 if let Some(previous) = st.active.insert((generation, lane), seq) {
                     // Closed for appends: if nothing in it is referenced any more, it goes now.
                     self.unlink_if_dead(&mut st, previous)?;
@@ -388,7 +392,7 @@ impl BatchFiles {
             }
         }
         // The directory changed (or may have): the next sync fsyncs it.
-        self.state.lock().map_err(lock_err)?.dir_dirty = true;
+        self.state.lock().map_err(lock_err)?.dir_changes += 1;
         result
     }
 
@@ -409,7 +413,7 @@ impl BatchFiles {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StoreError::io(format!("remove {}", path.display()), e)),
         }
-        st.dir_dirty = true;
+        st.dir_changes += 1;
         Ok(())
     }
 
@@ -454,30 +458,44 @@ impl BatchFiles {
 
     /// Makes every byte whose append has completed durable (fdatasync of each file written since the
     /// last sync, fsync of the directory if files came or went). Returns each file's length as
-    /// synced: up to its last completed append, not an append still writing.
+    /// synced: up to its last completed append, not an append still writing. Callers on several
+    /// threads may sync at once: a file stays unsynced until an fdatasync of it has finished, so
+    /// each call fdatasyncs whatever it finds not yet covered, and never claims another's.
     pub fn sync(&self) -> Result<BTreeMap<u64, u64>, StoreError> {
-        let (files, dir_dirty, lengths) = {
-            let mut st = self.state.lock().map_err(lock_err)?;
+        let (files, dir_changes, lengths) = {
+            let st = self.state.lock().map_err(lock_err)?;
             if let Some(reason) = &st.poisoned {
                 return Err(StoreError::io("sync batch files", std::io::Error::other(reason.clone())));
             }
-            let dirty = std::mem::take(&mut st.dirty);
-            let files: Vec<(u64, Arc<File>)> =
-                dirty.iter().filter_map(|seq| st.files.get(seq).map(|f| (*seq, f.file.clone()))).collect();
+            let files: Vec<(u64, Arc<File>, u64)> = st
+                .dirty
+                .iter()
+                .filter_map(|seq| st.files.get(seq).map(|f| (*seq, f.file.clone(), f.written)))
+                .collect();
             // What has been written, not what was handed out: an append writing right now is
             // not covered by this sync.
             let lengths = st.files.iter().map(|(seq, f)| (*seq, f.written)).collect();
-            (files, std::mem::take(&mut st.dir_dirty), lengths)
+            let dir_changes = (st.dir_changes != st.dir_synced).then_some(st.dir_changes);
+            (files, dir_changes, lengths)
         };
         let synced = files
             .iter()
-            .try_for_each(|(seq, f)| {
+            .try_for_each(|(seq, f, _)| {
                 f.sync_data().map_err(|e| StoreError::io(format!("fdatasync {}", self.path(*seq).display()), e))
             })
-            .and_then(|()| if dir_dirty { durable::fsync_path(&self.dir) } else { Ok(()) });
+            .and_then(|()| if dir_changes.is_some() { durable::fsync_path(&self.dir) } else { Ok(()) });
+        let mut st = self.state.lock().map_err(lock_err)?;
         if let Err(e) = &synced {
-            if let Ok(mut st) = self.state.lock() {
-                st.poisoned = Some(e.to_string());
+            st.poisoned = Some(e.to_string());
+        } else {
+            for (seq, _, written) in &files {
+                // Written to since it was looked at: the next sync covers that.
+                if st.files.get(seq).is_none_or(|f| f.written == *written) {
+                    st.dirty.remove(seq);
+                }
+            }
+            if let Some(changes) = dir_changes {
+                st.dir_synced = st.dir_synced.max(changes);
             }
         }
         synced.map(|()| lengths)

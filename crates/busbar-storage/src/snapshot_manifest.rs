@@ -131,6 +131,8 @@ impl SnapshotManifest {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Pin {
     starts: HashMap<(u32, u32), u64>,
+    /// Each partition's end offset at the snapshot's index: an export reads the batches below it.
+    ends: HashMap<(u32, u32), u64>,
     topics: HashSet<u32>,
 }
 
@@ -139,6 +141,7 @@ impl Pin {
         let header = SnapshotHeader::decode(manifest.header_bytes())?;
         Ok(Self {
             starts: header.partitions.iter().map(|(t, p, s)| ((*t, *p), s.start_offset)).collect(),
+            ends: header.partitions.iter().map(|(t, p, s)| ((*t, *p), s.end_offset)).collect(),
             topics: header.topics.iter().map(|t| t.id).collect(),
         })
     }
@@ -149,8 +152,16 @@ impl Pin {
         for (k, start) in other.starts {
             self.starts.entry(k).and_modify(|s| *s = (*s).min(start)).or_insert(start);
         }
+        for (k, end) in other.ends {
+            self.ends.entry(k).and_modify(|e| *e = (*e).max(end)).or_insert(end);
+        }
         self.topics.extend(other.topics);
         self
+    }
+
+    /// Whether an export of a pinned manifest reads the batch of a partition at `base` (its key).
+    pub fn exports_batch_at(&self, topic_id: u32, partition: u32, base: u64) -> bool {
+        self.ends.get(&(topic_id, partition)).is_some_and(|end| base < *end)
     }
 
     /// Batches of a partition below this offset may be deleted; `start_now` is its start offset now.

@@ -305,11 +305,10 @@ impl Inner {
             b
         };
         if deferred.merged_tails {
-            // A merged tail replaces a reference an earlier snapshot's export reads (to rebuild
-            // this store after a power loss, too): its bytes must be on disk before sled, which
-            // flushes on its own, can name them. Under `flushing`: a concurrent flush must not
-            // record these files as synced while the fdatasyncs still run.
-            let _flush = self.flushing.lock().map_err(lock_err)?;
+            // A merged tail replaced a reference a pinned snapshot's export reads (to rebuild this
+            // store after a power loss, too): its bytes must be on disk before sled, which flushes
+            // on its own, can name them. Not under `flushing` (apply must not wait for a whole
+            // flush of sled): `BatchFiles::sync` never claims what another sync still runs.
             self.files.sync()?;
         }
         let meta_batch = deferred.meta.to_batch();
@@ -573,8 +572,7 @@ impl TopicStore {
         if self.inner.superseded.lock().map_err(lock_err)?.len() >= MAX_SUPERSEDED {
             // Bounded memory: no snapshot made the store durable for a long while.
             let superseded = self.commit_taking_superseded(&cur.generation)?;
-            self.sync_committed()?;
-            self.release_superseded(&superseded)?;
+            self.sync_then_release(superseded)?;
         }
         let defer = commands.iter().all(|c| c.is_none_or(defers_commit));
         if !defer {
@@ -603,6 +601,8 @@ impl TopicStore {
             records_batch: BTreeMap::new(),
             uncommitted: &self.inner.uncommitted_refs,
             superseded: Vec::new(),
+            pin: &self.inner.pin,
+            merged_pinned: false,
             staged: BTreeMap::new(),
             pending: BTreeMap::new(),
         };
@@ -612,8 +612,10 @@ impl TopicStore {
                 None => CommandResponse::Empty,
                 Some(cmd) => {
                     let resp = w.apply_one(cmd)?;
-                    // Merged batches never span entries: which entries one apply call gets differs
-                    // between nodes, and batch boundaries must not (retention cuts at them). The same
+                    // Each entry's records are stored when the entry is done: which entries one apply
+                    // call gets differs between nodes, and batch boundaries must not (retention cuts
+                    // at them). A merge into the partition's last batch (version 3) is decided by that
+                    // batch alone, wherever it is, so it does not depend on the call either. The same
                     // goes for which producer states are evicted.
                     w.store_pending()?;
                     w.evict_producers(self.inner.max_producer_states)?;
@@ -629,6 +631,7 @@ impl TopicStore {
             mut meta_batch,
             records_batch,
             superseded,
+            merged_pinned,
             groups,
             touched_groups,
             group_offsets_moved,
@@ -654,7 +657,7 @@ impl TopicStore {
             let mut deferred = self.inner.deferred.lock().map_err(lock_err)?;
             deferred.meta.merge(meta_batch);
             deferred.applies += 1;
-            deferred.merged_tails |= !superseded.is_empty();
+            deferred.merged_tails |= merged_pinned;
             self.inner.superseded.lock().map_err(lock_err)?.extend(superseded);
             let mut refs = self.inner.uncommitted_refs.write().map_err(lock_err)?;
             refs.refs.extend(records_batch);
@@ -835,7 +838,18 @@ impl TopicStore {
             let _apply = self.inner.apply_lock.lock().map_err(lock_err)?;
             self.commit_taking_superseded(&self.current()?.generation)?
         };
-        self.sync_committed()?;
+        self.sync_then_release(superseded)
+    }
+
+    /// Makes the store durable, then releases the replaced tail versions taken before; if the
+    /// sync fails they wait for the next flush again.
+    fn sync_then_release(&self, superseded: Vec<BatchRef>) -> Result<(), StoreError> {
+        if let Err(e) = self.sync_committed() {
+            if let Ok(mut waiting) = self.inner.superseded.lock() {
+                waiting.extend(superseded);
+            }
+            return Err(e);
+        }
         self.release_superseded(&superseded)
     }
 
@@ -2020,7 +2034,7 @@ impl TreeWrites {
 struct Deferred {
     meta: TreeWrites,
     applies: usize,
-    /// One of them merged a partition's tail batch (see [`Inner::commit_deferred`]).
+    /// One of them merged into a batch a pinned snapshot names (see [`Inner::commit_deferred`]).
     merged_tails: bool,
 }
 
@@ -2111,6 +2125,11 @@ struct Work<'a> {
     uncommitted: &'a RwLock<UncommittedRefs>,
     /// Tail versions this call replaced (see [`TAIL_MERGE_BYTES`]).
     superseded: Vec<BatchRef>,
+    /// What the store's snapshots name (see [`Inner::pin`]): a merge into a batch a pinned
+    /// snapshot's export reads must be synced before its reference reaches sled.
+    pin: &'a Mutex<Option<Pin>>,
+    /// This call merged into such a batch.
+    merged_pinned: bool,
     /// The batches written to `records_batch` by this apply call, (topic id, partition, base) →
     /// (record count, stored size): not in `records_tree` until the transaction commits, but a
     /// later command of the same call (a retention cut) must see them.
@@ -2256,6 +2275,11 @@ impl<'a> Work<'a> {
         if let Some((_, replaced, _)) = tail {
             state.bytes = state.bytes.saturating_sub(u64::from(replaced.len));
             self.superseded.push(replaced);
+            // No snapshot pinned yet (none taken, or the node is opening): a rebuild could only
+            // start from the empty store, but syncing costs little until the first snapshot.
+            let pinned =
+                self.pin.lock().map_err(lock_err)?.as_ref().is_none_or(|p| p.exports_batch_at(id, partition, base));
+            self.merged_pinned |= pinned;
         }
         self.staged.insert((id, partition, base), (count, encoded.len() as u64));
         self.records_batch.insert(batch::key(id, partition, base)[..].into(), reference.encode()?.into());
@@ -2736,6 +2760,10 @@ fn fill_generation<R: Read>(
     let mut batch = sled::Batch::default();
     let mut pending = 0;
     let mut count = 0u64;
+    // Where each partition's next batch must start: its batches cover start..end exactly, or a
+    // later merge into its last batch (apply version 3) would not find the end it expects.
+    let mut next: HashMap<(u32, u32), (u64, u64)> =
+        header.partitions.iter().map(|(t, p, s)| ((*t, *p), (s.start_offset, s.end_offset))).collect();
     loop {
         match reader.next_frame()? {
             Some((FrameKind::Batch, body)) => {
@@ -2744,7 +2772,20 @@ fn fill_generation<R: Read>(
                 }
                 let (k, v) = body.split_at(16);
                 let what = || format!("snapshot batch {k:?}");
-                batch::decode(&what, v)?;
+                let records = batch::decode(&what, v)?.len() as u64;
+                let Some((t, p, base)) = batch::parse_key(k) else {
+                    return Err(reader.bad(format!("malformed batch key {k:?}")));
+                };
+                match next.get_mut(&(t, p)) {
+                    Some((at, end)) if *at == base && base + records <= *end => *at = base + records,
+                    Some((at, end)) => {
+                        return Err(reader.bad(format!(
+                            "batch {t}/{p}@{base} of {records} records: the partition's batches must cover \
+                             {at}..{end} in order"
+                        )))
+                    }
+                    None => return Err(reader.bad(format!("batch {t}/{p}@{base} of a partition the header lacks"))),
+                }
                 batch.insert(k, files.store(gen.id, &what, v)?.encode()?);
                 pending += 1;
                 count += 1;
@@ -2757,6 +2798,11 @@ fn fill_generation<R: Read>(
                 let expected = body.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes);
                 if expected != Some(count) {
                     return Err(reader.bad(format!("end frame says {expected:?} batches, stream had {count}")));
+                }
+                if let Some(((t, p), (at, end))) = next.iter().find(|(_, (at, end))| at != end) {
+                    return Err(
+                        reader.bad(format!("partition {t}/{p}: its batches end at {at}, its end offset is {end}"))
+                    );
                 }
                 gen.records.apply_batch(batch)?;
                 return Ok(header);
@@ -4407,11 +4453,13 @@ mod tests {
         assert_eq!(read_all(&store, "t", 299).len(), 2);
     }
 
-    /// A merged tail's bytes are synced before sled holds its reference (sled may write it out on
-    /// its own at any time, and an export of an earlier snapshot reads that key); a batch that
-    /// merged nothing is not (a lost new batch is past every snapshot: the log replays it).
+    /// A tail merged into is synced before sled holds its reference when a pinned snapshot's export
+    /// reads that key (sled may write the reference out on its own at any time; the export, a
+    /// rebuild after a power loss too, must find its bytes). Nothing else is: a new batch, or a
+    /// merge into one that began after every pinned snapshot, is past what any export reads, and
+    /// if lost the log replays it.
     #[test]
-    fn a_merged_tail_is_synced_before_its_reference_reaches_sled() {
+    fn a_merged_tail_a_snapshot_names_is_synced_before_its_reference_reaches_sled() {
         let dir = tempfile::tempdir().unwrap();
         let store = open_store(dir.path());
         at_merged_tails(&store, "t", 1);
@@ -4421,7 +4469,16 @@ mod tests {
         produce_one(&store, "t", 1);
         assert_eq!(store.inner.files.unsynced_files(), 1);
         commit(&store);
-        assert_eq!(store.inner.files.unsynced_files(), 0, "a merged tail's commit syncs first");
+        assert_eq!(store.inner.files.unsynced_files(), 0, "no snapshot pinned yet: a merge syncs");
+        store.capture_snapshot().unwrap();
+        at_merged_tails(&store, "u", 1);
+        produce_one(&store, "u", 0);
+        produce_one(&store, "u", 1);
+        commit(&store);
+        assert_eq!(store.inner.files.unsynced_files(), 1, "a merge into a batch no snapshot names does not sync");
+        produce_one(&store, "t", 2);
+        commit(&store);
+        assert_eq!(store.inner.files.unsynced_files(), 0, "a merge into a batch the snapshot names syncs");
     }
 
     /// With no snapshot flushing the store, replaced tail versions still do not pile up: apply
@@ -4439,6 +4496,33 @@ mod tests {
         let live = store.inner.files.live_bytes().unwrap();
         assert!(live - held <= MAX_SUPERSEDED as u64 * TAIL_MERGE_BYTES as u64, "{live} live, {held} held");
         assert_eq!(read_all(&store, "t", 0).len(), 200);
+    }
+
+    /// A snapshot stream whose batches do not cover each partition's start..end exactly is refused
+    /// at install (a later merge into the last batch would not find the end it expects).
+    #[test]
+    fn an_install_refuses_a_stream_whose_batches_leave_a_gap_or_stop_short() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = open_store(a_dir.path());
+        let b = open_store(b_dir.path());
+        create(&a, "t", 0);
+        produce_one(&a, "t", 0);
+        produce_one(&a, "t", 1);
+        let manifest = a.capture_snapshot().unwrap();
+        let batches = stored_batches(&a);
+        assert_eq!(batches.len(), 2, "version 1: a batch per entry");
+        for (keep, why) in [(1, "must cover"), (0, "its batches end at 1")] {
+            let mut fw = FrameWriter::new(Vec::new()).unwrap();
+            fw.frame(FrameKind::Header, &[manifest.header_bytes()]).unwrap();
+            let (k, v) = &batches[keep];
+            fw.frame(FrameKind::Batch, &[k, v]).unwrap();
+            fw.frame(FrameKind::End, &[&1u64.to_le_bytes()]).unwrap();
+            let err = b.import_snapshot(&fw.into_inner()[..], "test").unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        let (_, whole) = a.export_snapshot(&manifest, Vec::new()).unwrap();
+        b.import_snapshot(&whole[..], "test").unwrap();
+        assert_eq!(read_all(&b, "t", 0).len(), 2);
     }
 
     /// Before the log reaches version 3 every entry is its own batch, as on nodes of older builds.
@@ -4599,6 +4683,152 @@ mod tests {
             store.flush_durable().unwrap();
             let held = held_bytes(&store);
             assert_eq!(store.inner.files.live_bytes().unwrap(), held, "committed: {committed}");
+        }
+    }
+
+    /// A small deterministic generator for the randomised test below (no dependency).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// One produce to a random partition of `t`; `ends`/`cuts` track each partition's end offsets.
+    fn random_produce(rng: &mut Lcg, ends: &mut [u64; 3], cuts: &mut [Vec<u64>]) -> Command {
+        let p = rng.below(3) as usize;
+        let records: Vec<Record> = (0..1 + rng.below(3))
+            .map(|j| {
+                let size = if rng.below(20) == 0 { 2000 + rng.below(3000) } else { rng.below(300) };
+                Record {
+                    key: (rng.below(2) == 0).then(|| Bytes::from(format!("k{j}"))),
+                    value: Bytes::from(vec![b'x'; size as usize]),
+                    headers: vec![],
+                    timestamp_ms: rng.below(1000) as i64 - 500,
+                }
+            })
+            .collect();
+        ends[p] += records.len() as u64;
+        cuts[p].push(ends[p]);
+        Command::Produce { topic: name("t"), partition: p as u32, records: batch_of(records), producer: None }
+    }
+
+    /// A log of produces to 3 partitions (records of 0 to 300 bytes, now and then 2 to 5 KB, keyed
+    /// or not), entries of several requests, and retention cuts (some on a boundary, some not).
+    fn random_log(seed: u64, n: usize) -> Vec<Command> {
+        let mut rng = Lcg(seed);
+        let mut out = vec![
+            Command::SetApplyVersion { version: MERGED_TAILS },
+            Command::CreateTopic { name: name("t"), partitions: 3, config: TopicConfig::default() },
+        ];
+        let mut ends = [0u64; 3];
+        let mut cuts: Vec<Vec<u64>> = vec![vec![]; 3];
+        for _ in 0..n {
+            let r = rng.below(20);
+            if r < 14 {
+                out.push(random_produce(&mut rng, &mut ends, &mut cuts));
+            } else if r < 18 {
+                let k = 1 + rng.below(4);
+                out.push(Command::Batch((0..k).map(|_| random_produce(&mut rng, &mut ends, &mut cuts)).collect()));
+            } else {
+                let p = rng.below(3) as usize;
+                let at = cuts[p].get(rng.below(cuts[p].len().max(1) as u64) as usize).copied();
+                out.push(match at {
+                    Some(new_start) => {
+                        Command::TruncatePrefix { topic: name("t"), topic_id: 0, partition: p as u32, new_start }
+                    }
+                    None => Command::SetApplyVersion { version: MERGED_TAILS },
+                });
+            }
+        }
+        out
+    }
+
+    /// Merged tails under everything that may differ between replicas: one store applies the log an
+    /// entry per call with flushes, compaction, reclaim and snapshots between; another in random
+    /// groups of entries, with compaction; a third installs the first's last snapshot and applies
+    /// the rest. All three answer alike and hold the same batches from each start offset on; byte
+    /// counts are what the batches hold; and once flushed, reclaimed and compacted, the files' live
+    /// bytes are exactly what references name (no version released twice or never).
+    #[test]
+    fn merged_tails_are_the_same_whatever_the_grouping_local_events_or_snapshot_install() {
+        let opts =
+            TopicStoreOptions { batch_file_bytes: 16 << 10, compact_scan_refs: 50, ..TopicStoreOptions::default() };
+        let at = |i: usize| Bytes::from(i.to_le_bytes().to_vec());
+        for seed in 0..12u64 {
+            let log = random_log(seed, 300);
+            let mut rng = Lcg(seed ^ 0xdead);
+            let a_dir = tempfile::tempdir().unwrap();
+            let a = open_store_with(a_dir.path(), &opts);
+            let mut answers_a = Vec::new();
+            let mut snapshot: Option<(usize, SnapshotManifest)> = None;
+            for (i, e) in log.iter().enumerate() {
+                answers_a.extend(a.apply(&[Some(e)], at(i)).unwrap());
+                match rng.below(30) {
+                    0 => a.flush_durable().unwrap(),
+                    1 => drop(a.compact(1 << 20).unwrap()),
+                    2 => drop(a.reclaim(1000).unwrap()),
+                    3 => {
+                        let m = a.capture_snapshot().unwrap();
+                        a.flush_durable().unwrap();
+                        a.pin_snapshot(&m).unwrap();
+                        snapshot = Some((i, m));
+                    }
+                    _ => {}
+                }
+            }
+            let b_dir = tempfile::tempdir().unwrap();
+            let b = open_store_with(b_dir.path(), &opts);
+            let mut answers_b = Vec::new();
+            let mut i = 0;
+            while i < log.len() {
+                let j = (i + 1 + rng.below(40) as usize).min(log.len());
+                let cmds: Vec<Option<&Command>> = log[i..j].iter().map(Some).collect();
+                answers_b.extend(b.apply(&cmds, at(j - 1)).unwrap());
+                if rng.below(5) == 0 {
+                    b.compact(1 << 20).unwrap();
+                }
+                i = j;
+            }
+            assert_eq!(answers_a, answers_b, "seed {seed}: answers");
+            let offsets = a.partition_offsets("t").unwrap();
+            assert_eq!(offsets, b.partition_offsets("t").unwrap(), "seed {seed}: offsets");
+            let live = |store: &TopicStore| -> Vec<(Vec<u8>, Vec<u8>)> {
+                stored_batches(store)
+                    .into_iter()
+                    .filter(|(k, _)| {
+                        batch::parse_key(k).is_some_and(|(_, p, base)| base >= offsets[p as usize].start_offset)
+                    })
+                    .collect()
+            };
+            let batches = live(&a);
+            assert_eq!(batches, live(&b), "seed {seed}: batches, grouped apply calls");
+            for o in &offsets {
+                let held: u64 = batches
+                    .iter()
+                    .filter(|(k, _)| batch::parse_key(k).is_some_and(|(_, p, _)| p == o.partition))
+                    .map(|(_, v)| v.len() as u64)
+                    .sum();
+                assert_eq!(held, o.bytes, "seed {seed}: bytes of partition {}", o.partition);
+            }
+            if let Some((taken_at, m)) = snapshot {
+                let (_, stream) = a.export_snapshot(&m, Vec::new()).unwrap();
+                let c_dir = tempfile::tempdir().unwrap();
+                let c = open_store_with(c_dir.path(), &opts);
+                c.import_snapshot(&stream[..], "test").unwrap();
+                for (n, e) in log.iter().enumerate().skip(taken_at + 1) {
+                    c.apply(&[Some(e)], at(n)).unwrap();
+                }
+                assert_eq!(offsets, c.partition_offsets("t").unwrap(), "seed {seed}: offsets, installed");
+                assert_eq!(batches, live(&c), "seed {seed}: batches, installed");
+            }
+            a.flush_durable().unwrap();
+            while a.reclaim(1000).unwrap() > 0 {}
+            a.compact(1 << 30).unwrap();
+            a.flush_durable().unwrap();
+            assert_eq!(a.inner.files.live_bytes().unwrap(), held_bytes(&a), "seed {seed}: live bytes");
         }
     }
 }
