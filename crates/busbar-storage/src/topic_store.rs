@@ -41,10 +41,11 @@
 //! that may hold an old reference (`relocation`). And from apply version 3 on, apply merges small
 //! batches into the partition's last one (see [`TAIL_MERGE_BYTES`]): the last batch's key then
 //! names a new, longer version. Versions of a key only ever grow, so of two a reader finds the one
-//! with more records is the newer. The merged bytes are fdatasynced before sled may hold the new
-//! reference (an export of an earlier snapshot reads that key, and must find its bytes after a
-//! power loss), and the superseded version is released only after the next durable flush (until
-//! then sled on disk may still name it), while no reader is between finding and reading a reference.
+//! with more records is the newer. A merge into a batch a pinned snapshot names is fdatasynced
+//! before sled may hold the new reference (that snapshot's export reads the key, and must find its
+//! bytes after a power loss too), and the superseded version is released only after the next
+//! durable flush (until then sled on disk may still name it), while no reader is between finding
+//! and reading a reference.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -278,7 +279,8 @@ struct Inner {
     /// documentation); cleared by [`TopicStore::rebuild_from`].
     lost: Mutex<Option<String>>,
     /// Versions of merged tail batches that a newer version replaced (see [`TAIL_MERGE_BYTES`]):
-    /// released after the next durable flush. Changed under `apply_lock`.
+    /// released after the next durable flush. Added to under `apply_lock` (and by a flush whose
+    /// sync failed, giving back what it took).
     superseded: Mutex<Vec<BatchRef>>,
 }
 
