@@ -58,6 +58,12 @@ async fn assert_has_all(
     Ok(())
 }
 
+/// Three nodes with the given Raft settings (the tests that need snapshots and purges set their
+/// pace) and writes that give up after 5 s.
+async fn start_three(raft: RaftConfig) -> anyhow::Result<InProcessCluster> {
+    InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() }).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t10_three_nodes_elect_exactly_one_leader() -> anyhow::Result<()> {
     let c = InProcessCluster::start(3).await?;
@@ -124,9 +130,7 @@ async fn t20_leader_crash_elects_new_leader_and_keeps_every_acknowledged_write()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t30_follower_down_past_a_purge_catches_up_by_streamed_snapshot() -> anyhow::Result<()> {
     let raft = RaftConfig { snapshot_every: 40, logs_to_keep: 5, ..test_raft_config() };
-    let mut c =
-        InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() })
-            .await?;
+    let mut c = start_three(raft).await?;
     let client = c.client().await?;
     client.create_topic("big", 2).await?;
     let leader = c.leader().await?;
@@ -170,9 +174,7 @@ async fn t30_follower_down_past_a_purge_catches_up_by_streamed_snapshot() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t35_a_snapshot_of_merged_tails_leaves_the_follower_with_the_same_batches() -> anyhow::Result<()> {
     let raft = RaftConfig { snapshot_every: 40, logs_to_keep: 5, ..test_raft_config() };
-    let mut c =
-        InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() })
-            .await?;
+    let mut c = start_three(raft).await?;
     let newest = busbar_storage::apply_version::APPLY_VERSION;
     wait::until("every node at the newest apply version", Duration::from_secs(20), || async {
         let st = c.client().await.ok()?.cluster_status().await.ok()?;
@@ -245,9 +247,7 @@ async fn t35_a_snapshot_of_merged_tails_leaves_the_follower_with_the_same_batche
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t31_a_snapshot_streams_whole_after_a_topic_in_it_was_deleted() -> anyhow::Result<()> {
     let raft = RaftConfig { snapshot_every: 20, logs_to_keep: 2, ..test_raft_config() };
-    let mut c =
-        InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() })
-            .await?;
+    let mut c = start_three(raft).await?;
     let client = c.client().await?;
     client.create_topic("keep", 1).await?;
     client.create_topic("gone", 1).await?;
@@ -305,9 +305,7 @@ async fn t32_a_deleted_topic_sharing_batch_files_with_a_kept_one_gives_its_space
         logs_to_keep: 2,
         ..test_raft_config()
     };
-    let mut c =
-        InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() })
-            .await?;
+    let mut c = start_three(raft).await?;
     let client = c.client().await?;
     client.create_topic("keep", 1).await?;
     client.create_topic("bulk", 1).await?;
@@ -367,9 +365,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t33_a_store_behind_its_purged_log_refuses_to_start() -> anyhow::Result<()> {
     let raft = RaftConfig { snapshot_every: 20, logs_to_keep: 2, ..test_raft_config() };
-    let mut c =
-        InProcessCluster::start_with(3, raft, Limits { write_timeout: Duration::from_secs(5), ..Limits::default() })
-            .await?;
+    let mut c = start_three(raft).await?;
     let client = c.client().await?;
     client.create_topic("t", 1).await?;
     let leader = c.leader().await?;

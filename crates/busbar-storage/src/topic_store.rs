@@ -285,6 +285,18 @@ struct Inner {
 }
 
 impl Inner {
+    /// Releases references nothing names any more (deleted, replaced, moved) while no reader is
+    /// between finding a reference and reading it, then unlinks the files left with none (after
+    /// readers may go on: they hold the files they already found open). Returns those files.
+    fn release_published<'a>(&self, refs: impl Iterator<Item = &'a BatchRef>) -> Result<Vec<u64>, StoreError> {
+        let emptied = {
+            let _no_readers = self.relocation.write().map_err(lock_err)?;
+            self.files.release_keeping_files(refs)?
+        };
+        self.files.unlink_released(&emptied)?;
+        Ok(emptied)
+    }
+
     /// Commits the deferred applies' writes to `generation` (the current one) in one transaction.
     /// The caller holds `apply_lock`.
     fn commit_deferred(&self, generation: &Generation) -> Result<(), StoreError> {
@@ -867,14 +879,10 @@ impl TopicStore {
     ///
     /// [`commit_taking_superseded`]: Self::commit_taking_superseded
     fn release_superseded(&self, superseded: &[BatchRef]) -> Result<(), StoreError> {
-        if superseded.is_empty() {
-            return Ok(());
+        if !superseded.is_empty() {
+            self.inner.release_published(superseded.iter())?;
         }
-        let emptied = {
-            let _no_readers = self.inner.relocation.write().map_err(lock_err)?;
-            self.inner.files.release_keeping_files(superseded.iter())?
-        };
-        self.inner.files.unlink_released(&emptied)
+        Ok(())
     }
 
     /// Makes what sled holds durable, and the batch files under it (no deferred applies: the
@@ -1393,14 +1401,8 @@ impl TopicStore {
         if *self.inner.compaction_crash.lock().map_err(lock_err)? == Some(CompactionStep::Swapped) {
             return Ok(CompactionSummary::default());
         }
-        let emptied = {
-            // No reader is between looking a reference up and reading it; the ones that come later
-            // find the new references.
-            let _no_readers = self.inner.relocation.write().map_err(lock_err)?;
-            files.release_keeping_files(swapped.iter().map(|m| &m.old))?
-        };
-        // Unlinked after readers may go on: they hold the files they already found open.
-        files.unlink_released(&emptied)?;
+        // Readers that come later find the new references.
+        let emptied = self.inner.release_published(swapped.iter().map(|m| &m.old))?;
         let mut summary = CompactionSummary {
             more,
             batches: swapped.len() as u64,
@@ -1774,11 +1776,7 @@ fn delete_bounded(
     // that found one of them before (a fetch that began before a deletion or retention cut) is
     // still between finding it and reading it.
     if !released.is_empty() {
-        let emptied = {
-            let _no_readers = store.relocation.write().map_err(lock_err)?;
-            store.files.release_keeping_files(released.iter())?
-        };
-        store.files.unlink_released(&emptied)?;
+        store.release_published(released.iter())?;
     }
     Ok(exhausted)
 }
@@ -2338,8 +2336,8 @@ impl<'a> Work<'a> {
             return Ok(None);
         }
         let stored = self.files.read(&what, &r)?;
-        let payload = checked::open(&what, &stored)?;
-        let records = RecordBatch::from_bytes(Bytes::copy_from_slice(payload))
+        let envelope = stored.len() - checked::open(&what, &stored)?.len();
+        let records = RecordBatch::from_bytes(Bytes::from(stored).slice(envelope..))
             .map_err(|e| StoreError::corrupt(what(), e.to_string()))?;
         if records.count() != r.count {
             return Err(StoreError::corrupt(
