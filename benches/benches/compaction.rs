@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use busbar_benches::{bench_root, bench_scale, fmt_num, random_bytes, utc_now, CpuSample, Table};
 use busbar_storage::{TopicStore, TopicStoreOptions};
-use busbar_types::{Command, CommandResponse, Record, RecordBatch, TopicName};
+use busbar_types::{Command, CommandResponse, Record, RecordBatch, RecordEncoding, TopicName};
 use bytes::Bytes;
 
 const MIB: u64 = 1 << 20;
@@ -52,7 +52,7 @@ fn batch_shape() -> Result<(usize, usize)> {
     }
 }
 
-fn batch(seed: u64, records: usize, record_bytes: usize) -> Result<RecordBatch> {
+fn batch(seed: u64, records: usize, record_bytes: usize, encoding: RecordEncoding) -> Result<RecordBatch> {
     let records: Vec<Record> = (0..records)
         .map(|i| Record {
             key: None,
@@ -61,7 +61,7 @@ fn batch(seed: u64, records: usize, record_bytes: usize) -> Result<RecordBatch> 
             timestamp_ms: 1_700_000_000_000,
         })
         .collect();
-    Ok(RecordBatch::encode(&records)?)
+    Ok(RecordBatch::encode(&records, encoding)?)
 }
 
 /// `BENCH_APPLY_VERSION`: 1 up to the newest this build knows.
@@ -113,7 +113,10 @@ fn main() -> Result<()> {
     let total = (1024.0 * scale * MIB as f64) as u64;
     let per_batch = (records_per_batch * record_bytes) as u64;
     let batches = (total / per_batch).max(keep_n);
-    let samples = [batch(1, records_per_batch, record_bytes)?, batch(2, records_per_batch, record_bytes)?];
+    // In the encoding a leader proposes at this version.
+    let encoding = busbar_storage::apply_version::record_encoding(version);
+    let samples =
+        [batch(1, records_per_batch, record_bytes, encoding)?, batch(2, records_per_batch, record_bytes, encoding)?];
     let mut kept_records = 0u64;
     let write_start = Instant::now();
     for i in 0..batches {

@@ -1,11 +1,13 @@
 //! Criterion micro-benchmarks of the write path's CPU hot spots, one layer at a time:
 //!
 //! - `proto`: a `ProduceRequest` of 100 records on the gRPC wire (prost encode / decode);
-//! - `batch`: a batch as stored in sled (`batch::encode` = bincode + crc32 seal, `batch::decode`,
-//!   `batch::summary`) and the crc32 envelope alone (`checked::seal` / `checked::open`);
+//! - `batch`: a batch as stored (`batch::encode` = record encoding + crc32 seal, `batch::decode`,
+//!   `batch::summary`), in each record encoding (bincode, varint), and the crc32 envelope alone
+//!   (`checked::seal` / `checked::open`);
 //! - `wal`: `Wal::append` timed to its flush callback (one fdatasync per append, or shared by 8 in
 //!   flight);
-//! - `apply`: `TopicStore::apply` of produce commands into sled (no fsync, as in the server).
+//! - `apply`: `TopicStore::apply` of produce commands into sled (no fsync, as in the server), at
+//!   the newest apply version and its record encoding.
 //!
 //! Run: `cargo bench -p busbar-benches --bench hot_paths` (about 2 minutes); a filter narrows it,
 //! e.g. `-- batch`. CI only compiles it. Files go where the `storage` bench puts them (`BENCH_DIR`,
@@ -20,7 +22,7 @@ use busbar_benches::{bench_root, random_bytes};
 use busbar_proto::v1 as pb;
 use busbar_storage::wal::{Wal, WalOptions};
 use busbar_storage::{batch, checked, TopicStore, TopicStoreOptions};
-use busbar_types::{Command, Record, TopicName};
+use busbar_types::{Command, Record, RecordEncoding, TopicName};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use prost::Message;
@@ -78,14 +80,23 @@ fn bench_batch(c: &mut Criterion) {
     let what = || "bench batch".to_string();
     for size in [100usize, 1024] {
         let recs = records(size);
-        let stored = match batch::encode(&recs) {
-            Ok(v) => v,
-            Err(e) => panic!("encode: {e}"),
-        };
-        g.throughput(Throughput::Elements(RECORDS as u64));
-        g.bench_function(format!("encode 100x{size}B"), |b| b.iter(|| batch::encode(black_box(&recs))));
-        g.bench_function(format!("decode 100x{size}B"), |b| b.iter(|| batch::decode(&what, black_box(&stored))));
-        g.bench_function(format!("summary 100x{size}B"), |b| b.iter(|| batch::summary(&what, black_box(&stored))));
+        let mut stored = Vec::new();
+        for (name, encoding) in [("bincode", RecordEncoding::Bincode), ("varint", RecordEncoding::Varint)] {
+            stored = match batch::encode(&recs, encoding) {
+                Ok(v) => v,
+                Err(e) => panic!("encode: {e}"),
+            };
+            g.throughput(Throughput::Elements(RECORDS as u64));
+            g.bench_function(format!("encode 100x{size}B {name}"), |b| {
+                b.iter(|| batch::encode(black_box(&recs), encoding))
+            });
+            g.bench_function(format!("decode 100x{size}B {name}"), |b| {
+                b.iter(|| batch::decode(&what, black_box(&stored)))
+            });
+            g.bench_function(format!("summary 100x{size}B {name}"), |b| {
+                b.iter(|| batch::summary(&what, black_box(&stored)))
+            });
+        }
         g.throughput(Throughput::Bytes(stored.len() as u64));
         g.bench_function(format!("crc32 seal {}B", stored.len()), |b| b.iter(|| checked::seal(black_box(&stored))));
         let sealed = checked::seal(&stored);
@@ -165,7 +176,12 @@ fn bench_apply(c: &mut Criterion) {
         if let Err(e) = store.apply(&[Some(&create)], Bytes::copy_from_slice(&applied.to_be_bytes())) {
             panic!("create topic: {e}");
         }
-        let recs = match busbar_types::RecordBatch::encode(&records(size)) {
+        let version = busbar_storage::apply_version::APPLY_VERSION;
+        if let Err(e) = store.apply(&[Some(&Command::SetApplyVersion { version })], Bytes::from_static(&[0; 8])) {
+            panic!("apply version: {e}");
+        }
+        let encoding = busbar_storage::apply_version::record_encoding(version);
+        let recs = match busbar_types::RecordBatch::encode(&records(size), encoding) {
             Ok(b) => b,
             Err(e) => panic!("encode: {e}"),
         };

@@ -280,7 +280,8 @@ fn apply_phase(dir: &Path, batches_per_call: usize, run_for: Duration) -> Result
         produce.push(Command::Produce {
             topic: topic.clone(),
             partition: p,
-            records: busbar_types::RecordBatch::encode(&records)?,
+            // The store stays at apply version 1, where leaders propose bincode.
+            records: busbar_types::RecordBatch::encode(&records, busbar_types::RecordEncoding::Bincode)?,
             // Not idempotent: the same four commands are applied again and again, and with a producer
             // sequence every repeat would be answered as a duplicate without writing anything.
             producer: None,

@@ -213,7 +213,7 @@ mod tests {
         let cmd = Command::Produce {
             topic: TopicName::new("t").unwrap(),
             partition: 0,
-            records: busbar_types::RecordBatch::encode(&[record]).unwrap(),
+            records: busbar_types::RecordBatch::encode(&[record], busbar_types::RecordEncoding::Varint).unwrap(),
             producer: None,
         };
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) }

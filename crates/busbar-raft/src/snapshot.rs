@@ -355,7 +355,7 @@ mod tests {
             let cmd = Command::Produce {
                 topic: TopicName::new("t").unwrap(),
                 partition: 0,
-                records: RecordBatch::encode(&[record]).unwrap(),
+                records: RecordBatch::encode(&[record], busbar_types::RecordEncoding::Bincode).unwrap(),
                 producer: None,
             };
             store.apply(&[Some(&cmd)], applied_at(index)).unwrap();

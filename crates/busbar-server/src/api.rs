@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use busbar_proto::v1 as pb;
 use busbar_proto::v1::busbar_server::Busbar;
 use busbar_raft::RaftNode;
+use busbar_storage::apply_version::record_encoding;
 use busbar_storage::FetchResult;
 use busbar_types::{
     Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, RecordBatch, TopicConfig, TopicName,
@@ -96,8 +97,10 @@ impl Inner {
         };
         let producer =
             (req.producer_id != 0).then_some(ProducerSeq { producer_id: req.producer_id, sequence: req.sequence });
-        // Encoded once, here: every later hop (log, replication, apply) copies these bytes.
-        let records = RecordBatch::encode(&records)
+        // Encoded once, here: every later hop (log, replication, apply) copies these bytes. In
+        // the encoding every member reads, by the version this node applies at.
+        let version = self.node.store.apply_version().map_err(|e| error::status(error::from_store(e)))?;
+        let records = RecordBatch::encode(&records, record_encoding(version))
             .map_err(|e| api(ErrorCode::InvalidRequest, format!("the batch cannot be encoded: {e}")))?;
         Ok((partition, Command::Produce { topic, partition, records, producer }))
     }

@@ -1,43 +1,44 @@
 //! How a batch of records is stored: one value per stored batch, sealed with a crc32 that is
 //! checked on every read, written to the batch files ([`crate::batch_files`]).
 
-use busbar_types::{record_batch, Record, RecordBatch};
+use busbar_types::record_batch::{self, BatchHeader, RecordEncoding};
+use busbar_types::{Record, RecordBatch};
 
 use crate::checked;
 use crate::StoreError;
 
-/// The stored value of a batch of `records`: their [`RecordBatch`] encoding in the crc32 envelope.
-pub fn encode(records: &[Record]) -> Result<Vec<u8>, StoreError> {
-    let batch = RecordBatch::encode(records).map_err(|e| StoreError::corrupt("record batch", e.to_string()))?;
-    Ok(store(&[&batch]))
+/// The stored value of a batch of `records` in `encoding`: their [`RecordBatch`] encoding in the
+/// crc32 envelope.
+pub fn encode(records: &[Record], encoding: RecordEncoding) -> Result<Vec<u8>, StoreError> {
+    let batch =
+        RecordBatch::encode(records, encoding).map_err(|e| StoreError::corrupt("record batch", e.to_string()))?;
+    store(&[&batch])
 }
 
 /// The stored value of the records of `parts` as one batch, in order: one copy of their bytes
-/// (merged under a new header when there are several), in the crc32 envelope.
-pub fn store(parts: &[&RecordBatch]) -> Vec<u8> {
+/// (merged under a new header when there are several), in the crc32 envelope. The parts share one
+/// encoding (apply starts a new batch where the encoding changes).
+pub fn store(parts: &[&RecordBatch]) -> Result<Vec<u8>, StoreError> {
     match parts {
-        [one] => checked::seal(one.as_bytes()),
-        _ => checked::seal(&record_batch::merge(parts)),
+        [one] => Ok(checked::seal(one.as_bytes())),
+        _ => Ok(checked::seal(
+            &record_batch::merge(parts).map_err(|e| StoreError::corrupt("merged record batch", e.to_string()))?,
+        )),
     }
 }
 
-/// The batch's newest timestamp and record count, checking its crc but without decoding every record.
-pub fn summary(what: &dyn Fn() -> String, value: &[u8]) -> Result<(i64, u32), StoreError> {
+/// The batch's header (newest timestamp, record count, encoding), checking its crc but without
+/// decoding every record.
+pub fn summary(what: &dyn Fn() -> String, value: &[u8]) -> Result<BatchHeader, StoreError> {
     checked::open(what, value)?;
     header(what, value)
 }
 
-/// The newest timestamp and record count from a stored value's header, without checking its crc
-/// (for a value just encoded, or checked already).
-pub fn header(what: &dyn Fn() -> String, value: &[u8]) -> Result<(i64, u32), StoreError> {
-    let payload = value.get(4..).unwrap_or_default();
-    // The RecordBatch header: max_timestamp_ms (i64 LE), then the record count (u64 LE).
-    let (Some(ts), Some(n)) = (payload.get(..8), payload.get(8..16)) else {
-        return Err(StoreError::corrupt(what(), "batch shorter than its header"));
-    };
-    let ts = i64::from_le_bytes(ts.try_into().unwrap_or_default());
-    let n = u64::from_le_bytes(n.try_into().unwrap_or_default());
-    Ok((ts, u32::try_from(n).map_err(|_| StoreError::corrupt(what(), "record count above u32"))?))
+/// The header of a stored value, without checking its crc (for a value just encoded, or checked
+/// already).
+pub fn header(what: &dyn Fn() -> String, value: &[u8]) -> Result<BatchHeader, StoreError> {
+    BatchHeader::read(value.get(checked::ENVELOPE_BYTES..).unwrap_or_default())
+        .map_err(|e| StoreError::corrupt(what(), e.to_string()))
 }
 
 pub fn decode(what: &dyn Fn() -> String, value: &[u8]) -> Result<Vec<Record>, StoreError> {

@@ -267,7 +267,8 @@ impl BatchFiles {
         what: &dyn Fn() -> String,
         value: &[u8],
     ) -> Result<BatchRef, StoreError> {
-        let (max_ts, count) = batch::header(what, value)?;
+        let header = batch::header(what, value)?;
+        let (max_ts, count) = (header.max_timestamp_ms, header.count);
         let crc = checked::stored_crc(value).unwrap_or(0);
         let len = u32::try_from(value.len()).map_err(|_| StoreError::corrupt(what(), "batch above 4 GiB"))?;
         let (file, pos) = self.append(generation, lane, value)?;

@@ -6,8 +6,11 @@ use serde::Serialize;
 
 use crate::StoreError;
 
+/// Bytes the envelope adds before the payload.
+pub const ENVELOPE_BYTES: usize = 4;
+
 pub fn seal(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 4);
+    let mut out = Vec::with_capacity(payload.len() + ENVELOPE_BYTES);
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(payload);
     out

@@ -55,14 +55,15 @@ use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use busbar_types::{
-    Command, CommandResponse, ErrorCode, GroupName, ProducerSeq, Record, RecordBatch, TopicConfig, TopicName,
+    Command, CommandResponse, ErrorCode, GroupName, ProducerSeq, Record, RecordBatch, RecordEncoding, TopicConfig,
+    TopicName,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use crate::apply_version::{APPLY_VERSION, BOUNDED_PRODUCERS, LEGACY_APPLY_VERSION, MERGED_TAILS};
+use crate::apply_version::{APPLY_VERSION, BOUNDED_PRODUCERS, LEGACY_APPLY_VERSION, MERGED_TAILS, VARINT_RECORDS};
 use crate::batch_files::{BatchFiles, BatchRef, FileUse, GenerationUse, Lane};
 use crate::groups::{GroupState, Topics};
 use crate::snapshot_file::{FrameKind, FrameReader, FrameWriter};
@@ -1015,8 +1016,10 @@ impl TopicStore {
                 if records.len() as u64 > wanted {
                     // The partition's last batch, merged into since the snapshot: cut back to what
                     // it held then, so the snapshot is the state at its index exactly.
+                    // Each record's encoding stands alone, so in the batch's own encoding the
+                    // cut is byte for byte the batch as it was then.
                     records.truncate(usize::try_from(wanted).unwrap_or(usize::MAX));
-                    stored = batch::encode(&records)?;
+                    stored = batch::encode(&records, batch::header(&what, &stored)?.encoding)?;
                 }
                 next += records.len() as u64;
                 fw.frame(FrameKind::Batch, &[&k, &stored]).map_err(io_err)?;
@@ -2144,6 +2147,8 @@ struct Work<'a> {
 /// as one batch.
 struct PendingBatch<'a> {
     base: u64,
+    /// The parts' one encoding: a part in another starts a new batch.
+    encoding: RecordEncoding,
     parts: Vec<&'a RecordBatch>,
     /// Records in the parts: the batch ends at `base + count`.
     count: u64,
@@ -2264,9 +2269,9 @@ impl<'a> Work<'a> {
         let (base, count, encoded) = match &tail {
             Some((base, r, records)) => {
                 let parts: Vec<&RecordBatch> = std::iter::once(records).chain(p.parts.iter().copied()).collect();
-                (*base, u64::from(r.count) + p.count, batch::store(&parts))
+                (*base, u64::from(r.count) + p.count, batch::store(&parts)?)
             }
-            None => (p.base, p.count, batch::store(&p.parts)),
+            None => (p.base, p.count, batch::store(&p.parts)?),
         };
         let what = || format!("new batch {id}/{partition}@{base}");
         let reference = self.files.store(self.generation, &what, &encoded)?;
@@ -2339,6 +2344,10 @@ impl<'a> Work<'a> {
         let envelope = stored.len() - checked::open(&what, &stored)?.len();
         let records = RecordBatch::from_bytes(Bytes::from(stored).slice(envelope..))
             .map_err(|e| StoreError::corrupt(what(), e.to_string()))?;
+        if records.encoding() != p.encoding {
+            // One encoding per batch (apply version 4): the tail stays as it is.
+            return Ok(None);
+        }
         if records.count() != r.count {
             return Err(StoreError::corrupt(
                 what(),
@@ -2629,6 +2638,15 @@ impl<'a> Work<'a> {
         if records.is_empty() {
             return Ok(rejected(ErrorCode::InvalidRequest, "a produce batch needs at least one record".into()));
         }
+        if records.encoding() == RecordEncoding::Varint && self.meta.apply_version < VARINT_RECORDS {
+            return Ok(rejected(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "records in the varint encoding before the cluster applies at version {VARINT_RECORDS}: a member may \
+                     not read them"
+                ),
+            ));
+        }
         let count = records.count();
         let id = t.id;
         if let Some(ps) = producer {
@@ -2682,12 +2700,17 @@ impl<'a> Work<'a> {
         }
         let base = self.meta.partitions.get(&(id, partition)).map_or(0, |s| s.end_offset);
         let bytes = records.len();
-        let joins = self.pending.get(&(id, partition)).is_some_and(|p| p.bytes + bytes <= MERGED_BATCH_BYTES);
+        let encoding = records.encoding();
+        let joins = self
+            .pending
+            .get(&(id, partition))
+            .is_some_and(|p| p.bytes + bytes <= MERGED_BATCH_BYTES && p.encoding == encoding);
         if !joins {
             if let Some(full) = self.pending.remove(&(id, partition)) {
                 self.store_batch((id, partition), full)?;
             }
-            self.pending.insert((id, partition), PendingBatch { base, parts: Vec::new(), count: 0, bytes: 0 });
+            self.pending
+                .insert((id, partition), PendingBatch { base, encoding, parts: Vec::new(), count: 0, bytes: 0 });
         }
         if let Some(p) = self.pending.get_mut(&(id, partition)) {
             debug_assert_eq!(p.base + p.count, base, "a pending batch ends where the partition ends");
@@ -2845,7 +2868,7 @@ mod tests {
     }
 
     fn batch_of(records: Vec<Record>) -> RecordBatch {
-        RecordBatch::encode(&records).unwrap()
+        RecordBatch::encode(&records, RecordEncoding::Bincode).unwrap()
     }
 
     fn produce(store: &TopicStore, topic: &str, p: u32, vals: &[&str], pos: u8) -> CommandResponse {
@@ -4600,29 +4623,88 @@ mod tests {
     /// after it ends with the same batches as the source.
     #[test]
     fn a_snapshot_cuts_a_tail_merged_after_it_back_to_its_end() {
-        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a = open_store(a_dir.path());
-        let b = open_store(b_dir.path());
-        at_merged_tails(&a, "t", 1);
-        for i in 0..40 {
-            produce_one(&a, "t", i);
+        for encoding in [RecordEncoding::Bincode, RecordEncoding::Varint] {
+            let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let a = open_store(a_dir.path());
+            let b = open_store(b_dir.path());
+            at_merged_tails(&a, "t", 1);
+            set_version(&a, VARINT_RECORDS).unwrap();
+            let entries: Vec<Command> = (0..50).map(|i| produce_in("t", &hundred_bytes(i), encoding)).collect();
+            for c in &entries[..40] {
+                a.apply(&[Some(c)], Bytes::from_static(b"early")).unwrap();
+            }
+            let manifest = a.capture_snapshot().unwrap();
+            for c in &entries[40..] {
+                a.apply(&[Some(c)], Bytes::from_static(b"later")).unwrap();
+            }
+            commit(&a);
+            let (_, buf) = a.export_snapshot(&manifest, Vec::new()).unwrap();
+            b.import_snapshot(&buf[..], "test").unwrap();
+            assert_eq!(b.end_offset("t", 0).unwrap(), 40);
+            assert_eq!(read_all(&b, "t", 0), (0..40).map(|i| (i as u64, hundred_bytes(i))).collect::<Vec<_>>());
+            assert_eq!(b.partition_offsets("t").unwrap()[0].bytes, held_bytes(&b));
+            for c in &entries[40..] {
+                b.apply(&[Some(c)], Bytes::from_static(b"later")).unwrap();
+            }
+            assert_eq!(stored_batches(&a), stored_batches(&b), "{encoding:?}");
+            assert_eq!(a.partition_offsets("t").unwrap(), b.partition_offsets("t").unwrap());
         }
-        let manifest = a.capture_snapshot().unwrap();
-        let later: Vec<Command> = (40..50).map(|i| small_produce("t", 0, &hundred_bytes(i), None)).collect();
-        for c in &later {
-            a.apply(&[Some(c)], Bytes::from_static(b"later")).unwrap();
+    }
+
+    // Varint records (apply version 4).
+
+    fn produce_in(topic: &str, v: &str, encoding: RecordEncoding) -> Command {
+        let records = RecordBatch::encode(&[rec(v)], encoding).unwrap();
+        Command::Produce { topic: name(topic), partition: 0, records, producer: None }
+    }
+
+    /// Each stored batch of partition 0 of `t`: its base offset, encoding and record count.
+    fn batch_encodings(store: &TopicStore) -> Vec<(u64, RecordEncoding, u32)> {
+        stored_batches(store)
+            .iter()
+            .map(|(k, v)| {
+                let h = batch::summary(&|| "batch".into(), v).unwrap();
+                (batch::parse_key(k).unwrap().2, h.encoding, h.count)
+            })
+            .collect()
+    }
+
+    /// Varint records are refused until the log reaches version 4 (a member of an older build could
+    /// not read them). From then on a stored batch keeps one encoding: an entry in the other one
+    /// (bincode, proposed before the leader moved) starts a new batch, within one entry or across
+    /// entries, and every record still reads back in order.
+    #[test]
+    fn varint_records_wait_for_apply_version_4_and_a_batch_keeps_one_encoding() {
+        use RecordEncoding::{Bincode, Varint};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        at_merged_tails(&store, "t", 1);
+        match store.apply(&[Some(&produce_in("t", "early", Varint))], Bytes::from_static(b"e")).unwrap().as_slice() {
+            [CommandResponse::Rejected { code: ErrorCode::InvalidRequest, message }] => {
+                assert!(message.contains("version 4"), "{message}")
+            }
+            other => panic!("{other:?}"),
         }
-        commit(&a);
-        let (_, buf) = a.export_snapshot(&manifest, Vec::new()).unwrap();
-        b.import_snapshot(&buf[..], "test").unwrap();
-        assert_eq!(b.end_offset("t", 0).unwrap(), 40);
-        assert_eq!(read_all(&b, "t", 0), (0..40).map(|i| (i as u64, hundred_bytes(i))).collect::<Vec<_>>());
-        assert_eq!(b.partition_offsets("t").unwrap()[0].bytes, held_bytes(&b));
-        for c in &later {
-            b.apply(&[Some(c)], Bytes::from_static(b"later")).unwrap();
+        assert_eq!(store.end_offset("t", 0).unwrap(), 0, "nothing stored");
+        store.apply(&[Some(&produce_in("t", "b0", Bincode))], Bytes::from_static(b"b")).unwrap();
+        set_version(&store, VARINT_RECORDS).unwrap();
+        for (v, e) in [("v1", Varint), ("v2", Varint), ("b3", Bincode)] {
+            store.apply(&[Some(&produce_in("t", v, e))], Bytes::from_static(b"p")).unwrap();
         }
-        assert_eq!(stored_batches(&a), stored_batches(&b));
-        assert_eq!(a.partition_offsets("t").unwrap(), b.partition_offsets("t").unwrap());
+        let entry = Command::Batch(vec![
+            produce_in("t", "v4", Varint),
+            produce_in("t", "b5", Bincode),
+            produce_in("t", "b6", Bincode),
+            produce_in("t", "v7", Varint),
+        ]);
+        store.apply(&[Some(&entry)], Bytes::from_static(b"q")).unwrap();
+        assert_eq!(
+            batch_encodings(&store),
+            [(0, Bincode, 1), (1, Varint, 2), (3, Bincode, 1), (4, Varint, 1), (5, Bincode, 2), (7, Varint, 1)]
+        );
+        let values: Vec<String> = read_all(&store, "t", 0).into_iter().map(|(_, v)| v).collect();
+        assert_eq!(values, ["b0", "v1", "v2", "b3", "v4", "b5", "b6", "v7"]);
+        assert_eq!(store.partition_offsets("t").unwrap()[0].bytes, held_bytes(&store));
     }
 
     /// A retention cut at the end of the merged tail drops it, and the next record starts a batch of
@@ -4697,7 +4779,8 @@ mod tests {
     }
 
     /// One produce to a random partition of `t`; `ends`/`cuts` track each partition's end offsets.
-    fn random_produce(rng: &mut Lcg, ends: &mut [u64; 3], cuts: &mut [Vec<u64>]) -> Command {
+    /// After the move to version 4 (`varint`), three in four entries are in the varint encoding.
+    fn random_produce(rng: &mut Lcg, ends: &mut [u64; 3], cuts: &mut [Vec<u64>], varint: bool) -> Command {
         let p = rng.below(3) as usize;
         let records: Vec<Record> = (0..1 + rng.below(3))
             .map(|j| {
@@ -4712,11 +4795,14 @@ mod tests {
             .collect();
         ends[p] += records.len() as u64;
         cuts[p].push(ends[p]);
-        Command::Produce { topic: name("t"), partition: p as u32, records: batch_of(records), producer: None }
+        let encoding = if varint && rng.below(4) != 0 { RecordEncoding::Varint } else { RecordEncoding::Bincode };
+        let records = RecordBatch::encode(&records, encoding).unwrap();
+        Command::Produce { topic: name("t"), partition: p as u32, records, producer: None }
     }
 
     /// A log of produces to 3 partitions (records of 0 to 300 bytes, now and then 2 to 5 KB, keyed
-    /// or not), entries of several requests, and retention cuts (some on a boundary, some not).
+    /// or not), entries of several requests, and retention cuts (some on a boundary, some not),
+    /// moving to version 4 (varint records, mixed with bincode ones after it) a third of the way.
     fn random_log(seed: u64, n: usize) -> Vec<Command> {
         let mut rng = Lcg(seed);
         let mut out = vec![
@@ -4725,13 +4811,19 @@ mod tests {
         ];
         let mut ends = [0u64; 3];
         let mut cuts: Vec<Vec<u64>> = vec![vec![]; 3];
-        for _ in 0..n {
+        for i in 0..n {
+            let varint = i > n / 3;
+            if i == n / 3 {
+                out.push(Command::SetApplyVersion { version: VARINT_RECORDS });
+            }
             let r = rng.below(20);
             if r < 14 {
-                out.push(random_produce(&mut rng, &mut ends, &mut cuts));
+                out.push(random_produce(&mut rng, &mut ends, &mut cuts, varint));
             } else if r < 18 {
                 let k = 1 + rng.below(4);
-                out.push(Command::Batch((0..k).map(|_| random_produce(&mut rng, &mut ends, &mut cuts)).collect()));
+                out.push(Command::Batch(
+                    (0..k).map(|_| random_produce(&mut rng, &mut ends, &mut cuts, varint)).collect(),
+                ));
             } else {
                 let p = rng.below(3) as usize;
                 let at = cuts[p].get(rng.below(cuts[p].len().max(1) as u64) as usize).copied();

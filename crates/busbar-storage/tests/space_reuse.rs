@@ -6,7 +6,7 @@
 //! volume.
 
 use busbar_storage::{TopicStore, TopicStoreOptions};
-use busbar_types::{Command, Record, RecordBatch, TopicConfig, TopicName};
+use busbar_types::{Command, Record, RecordBatch, RecordEncoding, TopicConfig, TopicName};
 use bytes::Bytes;
 
 fn dir_size(dir: &std::path::Path) -> u64 {
@@ -41,7 +41,7 @@ fn fill(store: &TopicStore, topic: &str, mib: usize) -> anyhow::Result<()> {
                 timestamp_ms: 1,
             })
             .collect();
-        let records = RecordBatch::encode(&records)?;
+        let records = RecordBatch::encode(&records, RecordEncoding::Bincode)?;
         let cmd = Command::Produce { topic: name.clone(), partition: (i % 4) as u32, records, producer: None };
         store.apply(&[Some(&cmd)], Bytes::from_static(b"p"))?;
     }

@@ -13,7 +13,7 @@ pub mod topic_config;
 pub use command::{Command, CommandResponse, GroupName, OffsetReset, ProducerSeq};
 pub use error::{ApiError, ErrorCode};
 pub use record::{Header, Record};
-pub use record_batch::{RecordBatch, RecordBatchError};
+pub use record_batch::{RecordBatch, RecordBatchError, RecordEncoding};
 pub use topic::{TopicName, TopicNameError};
 pub use topic_config::{ConfigError, TopicConfig};
 
