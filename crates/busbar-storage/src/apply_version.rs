@@ -56,3 +56,17 @@ pub fn record_encoding(version: u32) -> RecordEncoding {
         RecordEncoding::Bincode
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaders_encode_in_varint_from_version_4_on() {
+        for v in [0, LEGACY_APPLY_VERSION, BOUNDED_PRODUCERS, MERGED_TAILS] {
+            assert_eq!(record_encoding(v), RecordEncoding::Bincode, "version {v}");
+        }
+        assert_eq!(record_encoding(VARINT_RECORDS), RecordEncoding::Varint);
+        assert_eq!(record_encoding(APPLY_VERSION), RecordEncoding::Varint);
+    }
+}

@@ -4679,31 +4679,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open_store(dir.path());
         at_merged_tails(&store, "t", 1);
-        match store.apply(&[Some(&produce_in("t", "early", Varint))], Bytes::from_static(b"e")).unwrap().as_slice() {
-            [CommandResponse::Rejected { code: ErrorCode::InvalidRequest, message }] => {
-                assert!(message.contains("version 4"), "{message}")
-            }
+        let early = Command::Batch(vec![
+            produce_in("t", "b0", Bincode),
+            produce_in("t", "early", Varint),
+            produce_in("t", "b1", Bincode),
+        ]);
+        match store.apply(&[Some(&early)], Bytes::from_static(b"e")).unwrap().as_slice() {
+            [CommandResponse::Batch(answers)] => match answers.as_slice() {
+                [CommandResponse::Produced { base_offset: 0, .. }, CommandResponse::Rejected { code: ErrorCode::InvalidRequest, message }, CommandResponse::Produced { base_offset: 1, .. }] =>
+                {
+                    assert!(message.contains("version 4"), "{message}")
+                }
+                other => panic!("{other:?}"),
+            },
             other => panic!("{other:?}"),
         }
-        assert_eq!(store.end_offset("t", 0).unwrap(), 0, "nothing stored");
-        store.apply(&[Some(&produce_in("t", "b0", Bincode))], Bytes::from_static(b"b")).unwrap();
+        assert_eq!(batch_encodings(&store), [(0, Bincode, 2)], "the refused one is not stored");
         set_version(&store, VARINT_RECORDS).unwrap();
-        for (v, e) in [("v1", Varint), ("v2", Varint), ("b3", Bincode)] {
+        for (v, e) in [("v2", Varint), ("v3", Varint), ("b4", Bincode)] {
             store.apply(&[Some(&produce_in("t", v, e))], Bytes::from_static(b"p")).unwrap();
         }
         let entry = Command::Batch(vec![
-            produce_in("t", "v4", Varint),
-            produce_in("t", "b5", Bincode),
+            produce_in("t", "v5", Varint),
             produce_in("t", "b6", Bincode),
-            produce_in("t", "v7", Varint),
+            produce_in("t", "b7", Bincode),
+            produce_in("t", "v8", Varint),
         ]);
         store.apply(&[Some(&entry)], Bytes::from_static(b"q")).unwrap();
         assert_eq!(
             batch_encodings(&store),
-            [(0, Bincode, 1), (1, Varint, 2), (3, Bincode, 1), (4, Varint, 1), (5, Bincode, 2), (7, Varint, 1)]
+            [(0, Bincode, 2), (2, Varint, 2), (4, Bincode, 1), (5, Varint, 1), (6, Bincode, 2), (8, Varint, 1)]
         );
         let values: Vec<String> = read_all(&store, "t", 0).into_iter().map(|(_, v)| v).collect();
-        assert_eq!(values, ["b0", "v1", "v2", "b3", "v4", "b5", "b6", "v7"]);
+        assert_eq!(values, ["b0", "b1", "v2", "v3", "b4", "v5", "b6", "b7", "v8"]);
         assert_eq!(store.partition_offsets("t").unwrap()[0].bytes, held_bytes(&store));
     }
 

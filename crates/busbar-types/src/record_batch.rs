@@ -26,7 +26,9 @@
 //! Each record's encoding stands alone (nothing is relative to the header or to the record
 //! before), so the batches of several produce commands in one encoding merge into one by writing a
 //! new header before their record bytes ([`merge`]), and a prefix of a batch's records encodes to
-//! a prefix of its bytes.
+//! a prefix of its record bytes. Both encodings are canonical (one encoding per record: the varint
+//! decoder refuses overlong varints), so decoding then encoding gives back the same bytes, which
+//! the snapshot export's cut of a batch relies on.
 
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -178,8 +180,9 @@ impl RecordBatch {
     }
 }
 
-/// Decodes an encoded batch (a [`RecordBatch`]'s bytes, or [`merge`]'s output), checking that it
-/// holds exactly the records its header counts.
+/// Decodes an encoded batch (a [`RecordBatch`]'s bytes, or [`merge`]'s output). A varint batch
+/// must hold exactly the records its header counts; a bincode one is read as builds before the
+/// varint encoding read it (bincode 1 ignores bytes after the last record).
 pub fn decode(bytes: &[u8]) -> Result<Vec<Record>, RecordBatchError> {
     let header = BatchHeader::read(bytes)?;
     match header.encoding {
@@ -225,7 +228,8 @@ pub fn merge(parts: &[&RecordBatch]) -> Result<Vec<u8>, RecordBatchError> {
 /// [header_count: varint, then per header name_len: varint, name (UTF-8), value_len: varint, value]   if bit 1
 /// ```
 ///
-/// Varints are LEB128 (7 bits a byte, low first), at most 10 bytes.
+/// Varints are LEB128 (7 bits a byte, low first), at most 10 bytes, and never longer than needed
+/// (a last byte of 0 after others is refused), so every record has one encoding.
 mod varint {
     use super::*;
 
@@ -233,6 +237,9 @@ mod varint {
     const HAS_HEADERS: u8 = 2;
     /// The smallest record: flags, a one-byte timestamp and a one-byte value length.
     const MIN_RECORD_BYTES: usize = 3;
+    /// Records, and headers of one record, reserved for ahead of decoding them (about 1.5 MiB):
+    /// a false count in a damaged batch must not make a large allocation.
+    const MAX_RESERVED: usize = 16 << 10;
 
     #[cfg(test)]
     fn varint_len(v: u64) -> usize {
@@ -318,6 +325,9 @@ mod varint {
                 }
                 v |= u64::from(b & 0x7f) << (7 * i);
                 if b & 0x80 == 0 {
+                    if b == 0 && i > 0 {
+                        return Err(self.bad("an overlong varint"));
+                    }
                     return Ok(v);
                 }
             }
@@ -349,7 +359,7 @@ mod varint {
                 if n == 0 || n > (self.bytes.len() / 2) as u64 {
                     return Err(self.bad(&format!("{n} headers in {} bytes", self.bytes.len())));
                 }
-                headers.reserve(n as usize);
+                headers.reserve((n as usize).min(MAX_RESERVED));
                 for _ in 0..n {
                     let name = std::str::from_utf8(self.bytes()?).map_err(|_| self.bad("a header name not UTF-8"))?;
                     let name = name.to_owned();
@@ -361,7 +371,7 @@ mod varint {
     }
 
     pub(super) fn decode(bytes: &[u8], count: u32) -> Result<Vec<Record>, RecordBatchError> {
-        let mut records = Vec::with_capacity((count as usize).min(bytes.len() / MIN_RECORD_BYTES));
+        let mut records = Vec::with_capacity((count as usize).min(bytes.len() / MIN_RECORD_BYTES).min(MAX_RESERVED));
         let mut r = Reader { bytes, record: 0 };
         while r.record < count {
             records.push(r.record()?);
@@ -386,6 +396,9 @@ mod varint {
         for v in [0i64, -1, 1, i64::MIN, i64::MAX, 1_800_000_000_000] {
             assert_eq!(unzigzag(zigzag(v)), v);
         }
+        // Overlong: 0 as two bytes, 1 as three.
+        assert!(Reader { bytes: &[0x80, 0x00], record: 0 }.varint().unwrap_err().to_string().contains("overlong"));
+        assert!(Reader { bytes: &[0x81, 0x80, 0x00], record: 0 }.varint().is_err());
         // Eleven bytes, or a tenth byte above 1: more than 64 bits.
         let mut r = Reader { bytes: &[0xff; 11], record: 0 };
         assert!(r.varint().is_err());
@@ -468,6 +481,11 @@ mod tests {
         let b = RecordBatch::encode(&records, RecordEncoding::Bincode).unwrap();
         let max_ts = records.iter().map(|r| r.timestamp_ms).max().unwrap();
         assert_eq!(b.as_bytes(), bincode::serialize(&(max_ts, &records)).unwrap());
+        // And a build that reads only bincode sees a varint batch's count word as more records than
+        // a batch may hold, which it refuses.
+        let v = RecordBatch::encode(&records, RecordEncoding::Varint).unwrap();
+        let old_count = u64::from_le_bytes(v.as_bytes()[8..16].try_into().unwrap());
+        assert!(old_count > u64::from(u32::MAX), "{old_count}");
     }
 
     #[test]
@@ -529,12 +547,16 @@ mod tests {
         let mut long = good.clone();
         long.push(0);
         assert!(decode(&long).unwrap_err().to_string().contains("after the batch's 10 records"));
-        // Every single-byte change either still decodes (to other records) or is refused; none panics.
+        // Every single-byte change either is refused or decodes to other records whose encoding is
+        // exactly the changed bytes (one encoding per record); none panics.
         for at in HEADER_BYTES..good.len() {
             for v in [0x00, 0x01, 0x7f, 0x80, 0xff] {
                 let mut bad = good.clone();
                 bad[at] = v;
-                let _ = decode(&bad);
+                if let Ok(other) = decode(&bad) {
+                    let again = RecordBatch::encode(&other, RecordEncoding::Varint).unwrap();
+                    assert_eq!(&again.as_bytes()[HEADER_BYTES..], &bad[HEADER_BYTES..], "byte {at} set to {v:#04x}");
+                }
             }
         }
         // Unknown flags; a header count of zero; a header name that is not UTF-8.
