@@ -2,7 +2,8 @@
 //!
 //! - `proto`: a `ProduceRequest` of 100 records on the gRPC wire (prost encode / decode);
 //! - `batch`: a batch as stored (`batch::encode` = record encoding + crc32 seal, `batch::decode`,
-//!   `batch::summary`), in each record encoding (bincode, varint), and the crc32 envelope alone
+//!   `batch::decode_shared` as reads use it, `batch::summary`), in each record encoding (bincode,
+//!   varint), and the crc32 envelope alone
 //!   (`checked::seal` / `checked::open`);
 //! - `wal`: `Wal::append` timed to its flush callback (one fdatasync per append, or shared by 8 in
 //!   flight);
@@ -57,7 +58,7 @@ fn bench_proto(c: &mut Criterion) {
             records: (0..RECORDS)
                 .map(|i| pb::Record {
                     key: None,
-                    value: random_bytes(size, i as u64),
+                    value: random_bytes(size, i as u64).into(),
                     headers: vec![],
                     timestamp_ms: 0,
                 })
@@ -65,11 +66,12 @@ fn bench_proto(c: &mut Criterion) {
             producer_id: 7,
             sequence: 1,
         };
-        let wire = req.encode_to_vec();
+        // Decoded from `Bytes`, as tonic hands a message over: the values are then slices of it.
+        let wire = Bytes::from(req.encode_to_vec());
         g.throughput(Throughput::Elements(RECORDS as u64));
         g.bench_function(format!("encode 100x{size}B"), |b| b.iter(|| black_box(&req).encode_to_vec()));
         g.bench_function(format!("decode 100x{size}B"), |b| {
-            b.iter(|| pb::ProduceRequest::decode(black_box(wire.as_slice())))
+            b.iter(|| pb::ProduceRequest::decode(black_box(wire.clone())))
         });
     }
     g.finish();
@@ -92,6 +94,11 @@ fn bench_batch(c: &mut Criterion) {
             });
             g.bench_function(format!("decode 100x{size}B {name}"), |b| {
                 b.iter(|| batch::decode(&what, black_box(&stored)))
+            });
+            // What a read does: the records share the stored bytes (varint; bincode still copies).
+            let shared = Bytes::from(stored.clone());
+            g.bench_function(format!("decode shared 100x{size}B {name}"), |b| {
+                b.iter(|| batch::decode_shared(&what, black_box(shared.clone())))
             });
             g.bench_function(format!("summary 100x{size}B {name}"), |b| {
                 b.iter(|| batch::summary(&what, black_box(&stored)))

@@ -263,7 +263,7 @@ impl InProcessCluster {
         loop {
             let r = client.fetch_from(&self.addr(id), topic, partition, offset, 10_000).await?;
             for rec in r.records {
-                out.push((rec.offset, rec.record.map(|r| r.value).unwrap_or_default()));
+                out.push((rec.offset, rec.record.map(|r| r.value.to_vec()).unwrap_or_default()));
             }
             offset = out.last().map(|(o, _)| o + 1).unwrap_or(offset);
             if offset >= r.end_offset {

@@ -561,7 +561,7 @@ pub async fn read_partition(
                 bail!("{addr}: offset {} returned for a fetch at {offset}", c.offset);
             }
             offset = c.offset + 1;
-            out.push((c.offset, c.record.map(|r| r.value).unwrap_or_default()));
+            out.push((c.offset, c.record.map(|r| r.value.to_vec()).unwrap_or_default()));
         }
     }
     bail!("{addr}: reading {topic}/{partition} took more than {MAX_FETCH_ROUNDS} fetches")

@@ -96,9 +96,13 @@ async fn t10_round_trip_keeps_every_byte() -> anyhow::Result<()> {
     assert_eq!(got.len(), sent.len(), "exactly the records sent: {got:?}");
     for (i, (s, g)) in sent.iter().zip(&got).enumerate() {
         assert_eq!((g.topic.as_str(), g.partition, g.offset), ("rt", 1, i as u64), "record {i} position");
-        assert_eq!(g.key, s.key, "record {i} key");
+        assert_eq!(g.key.as_deref(), s.key.as_deref(), "record {i} key");
         assert_eq!(g.value, s.value, "record {i} value");
-        assert_eq!(g.headers, s.headers, "record {i} headers, in order, repeats kept");
+        assert_eq!(
+            g.headers.iter().map(|(n, v)| (n.as_str(), &v[..])).collect::<Vec<_>>(),
+            s.headers.iter().map(|(n, v)| (n.as_str(), &v[..])).collect::<Vec<_>>(),
+            "record {i} headers, in order, repeats kept"
+        );
         if s.timestamp_ms != 0 {
             assert_eq!(g.timestamp_ms, s.timestamp_ms, "record {i}: the producer's timestamp is kept");
         } else {
@@ -180,7 +184,7 @@ async fn t15_concurrent_single_record_writes_share_entries_and_each_gets_its_off
             let req = pb::ProduceRequest {
                 topic: "coalesce".into(),
                 partition: Some(partition),
-                records: vec![pb::Record { value: format!("v{i}").into_bytes(), ..Default::default() }],
+                records: vec![pb::Record { value: format!("v{i}").into_bytes().into(), ..Default::default() }],
                 producer_id: 0,
                 sequence: 0,
             };
@@ -268,7 +272,7 @@ async fn t20_per_key_order_across_many_keys() -> anyhow::Result<()> {
         total += recs.len();
         let mut next: HashMap<usize, usize> = HashMap::new();
         for r in recs {
-            let v = String::from_utf8(r.value.clone())?;
+            let v = String::from_utf8(r.value.to_vec())?;
             let (k, i) = v.split_once(':').ok_or_else(|| anyhow::anyhow!("bad value {v}"))?;
             let (k, i): (usize, usize) = (k.parse()?, i.parse()?);
             assert_eq!(r.key.as_deref(), Some(format!("key-{k}").as_bytes()), "key kept");
@@ -406,7 +410,7 @@ async fn t32_a_producer_carries_on_into_a_recreated_topic() -> anyhow::Result<()
         .produce_request(pb::ProduceRequest {
             topic: "again".into(),
             partition: Some(0),
-            records: vec![pb::Record { value: b"raw".to_vec(), ..Default::default() }],
+            records: vec![pb::Record { value: b"raw".to_vec().into(), ..Default::default() }],
             producer_id: pid,
             sequence: 1,
         })
@@ -559,7 +563,8 @@ async fn t40_no_node_shows_an_uncommitted_record() -> anyhow::Result<()> {
         async move {
             for (id, addr) in nodes {
                 let r = reader.fetch_from(&addr, "iso", 0, 0, 100).await?;
-                let values: Vec<Vec<u8>> = r.records.into_iter().filter_map(|r| r.record.map(|r| r.value)).collect();
+                let values: Vec<Vec<u8>> =
+                    r.records.into_iter().filter_map(|r| r.record.map(|r| r.value.to_vec())).collect();
                 anyhow::ensure!(
                     !values.iter().any(|v| v == b"uncommitted"),
                     "{when}: node {id} shows the uncommitted record (end {})",
@@ -659,7 +664,7 @@ async fn t50_long_poll_returns_when_data_arrives() -> anyhow::Result<()> {
     client.produce("lp", 0, vec![Record::value("second")]).await?;
     let (took, r) = tokio::time::timeout(Duration::from_secs(12), waiter).await??;
     let r = r?;
-    let values: Vec<Vec<u8>> = r.records.into_iter().filter_map(|r| r.record.map(|r| r.value)).collect();
+    let values: Vec<Vec<u8>> = r.records.into_iter().filter_map(|r| r.record.map(|r| r.value.to_vec())).collect();
     assert_eq!(values, vec![b"second".to_vec()]);
     assert!(took >= Duration::from_millis(150), "the poll answered before the record existed: {took:?}");
     assert!(took < Duration::from_secs(3), "the long poll should answer as the record commits, took {took:?}");
@@ -707,7 +712,7 @@ async fn t60_subscribe_delivers_each_record_promptly() -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("record {i} did not arrive on the stream within 3 s"))?
             .ok_or_else(|| anyhow::anyhow!("the stream ended"))??;
         latencies.push(sent.elapsed());
-        assert_eq!((r.offset, r.value.as_slice()), (1 + i, v.as_bytes()), "record {i} in order");
+        assert_eq!((r.offset, &r.value[..]), (1 + i, v.as_bytes()), "record {i} in order");
         assert_eq!(r.offset, m.offset, "the stream shows the acknowledged offset");
     }
     // Prompt means pushed as it commits, not found by a poll seconds later. The median, not the
@@ -759,7 +764,7 @@ async fn t61_stream_resumes_on_another_broker_without_gaps_or_repeats() -> anyho
         got.push(r);
     }
     for (i, r) in got.iter().enumerate() {
-        assert_eq!((r.offset, r.value.clone()), (i as u64, format!("r-{i}").into_bytes()), "record {i}");
+        assert_eq!((r.offset, r.value.to_vec()), (i as u64, format!("r-{i}").into_bytes()), "record {i}");
     }
     producer.close().await;
     drop(stream);
@@ -831,8 +836,8 @@ async fn t70_bad_inputs_are_rejected_with_their_codes() -> anyhow::Result<()> {
         topic: "four".into(),
         partition: None,
         records: vec![
-            pb::Record { key: Some(k1), value: b"1".to_vec(), ..Default::default() },
-            pb::Record { key: Some(k2), value: b"2".to_vec(), ..Default::default() },
+            pb::Record { key: Some(k1.into()), value: b"1".to_vec().into(), ..Default::default() },
+            pb::Record { key: Some(k2.into()), value: b"2".to_vec().into(), ..Default::default() },
         ],
         producer_id: 0,
         sequence: 0,
@@ -843,7 +848,7 @@ async fn t70_bad_inputs_are_rejected_with_their_codes() -> anyhow::Result<()> {
     let raw = |producer_id: u64, sequence: u64, v: &str| ProduceRequest {
         topic: "bad".into(),
         partition: Some(0),
-        records: vec![pb::Record { value: v.as_bytes().to_vec(), ..Default::default() }],
+        records: vec![pb::Record { value: v.as_bytes().to_vec().into(), ..Default::default() }],
         producer_id,
         sequence,
     };
@@ -866,8 +871,13 @@ async fn t70_bad_inputs_are_rejected_with_their_codes() -> anyhow::Result<()> {
     assert_eq!((again.partition, again.base_offset, again.count), (second.partition, second.base_offset, second.count));
     let end = client.list_offsets("bad").await?[0].end_offset;
     assert_eq!(end, second.base_offset + 1, "the duplicate wrote nothing");
-    let values: Vec<Vec<u8>> =
-        client.fetch("bad", 0, 0, 100).await?.records.into_iter().filter_map(|r| r.record.map(|r| r.value)).collect();
+    let values: Vec<Vec<u8>> = client
+        .fetch("bad", 0, 0, 100)
+        .await?
+        .records
+        .into_iter()
+        .filter_map(|r| r.record.map(|r| r.value.to_vec()))
+        .collect();
     assert_eq!(values.iter().filter(|v| v.as_slice() == b"s1").count(), 1);
 
     producer.close().await;

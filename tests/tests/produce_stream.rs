@@ -14,7 +14,12 @@ fn batch(topic: &str, partition: u32, producer_id: u64, sequence: u64, value: &s
     pb::ProduceRequest {
         topic: topic.into(),
         partition: Some(partition),
-        records: vec![pb::Record { key: None, value: value.as_bytes().to_vec(), headers: vec![], timestamp_ms: 0 }],
+        records: vec![pb::Record {
+            key: None,
+            value: value.as_bytes().to_vec().into(),
+            headers: vec![],
+            timestamp_ms: 0,
+        }],
         producer_id,
         sequence,
     }

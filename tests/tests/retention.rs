@@ -13,7 +13,7 @@ fn now_ms() -> i64 {
 }
 
 fn record(value: Vec<u8>, timestamp_ms: i64) -> pb::Record {
-    pb::Record { key: None, value, headers: vec![], timestamp_ms }
+    pb::Record { key: None, value: value.into(), headers: vec![], timestamp_ms }
 }
 
 async fn offsets(c: &InProcessCluster, id: u64, topic: &str) -> anyhow::Result<Vec<(u64, u64, u64)>> {

@@ -26,6 +26,7 @@ use busbar_client::{
 };
 use busbar_proto::v1 as pb;
 use busbar_proto::v1::busbar_client::BusbarClient;
+use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use futures::stream::{FuturesUnordered, SelectAll};
 use futures::StreamExt;
@@ -201,7 +202,12 @@ impl Sink {
                 let req = pb::ProduceRequest {
                     topic: topic.clone(),
                     partition: Some(partition),
-                    records: vec![pb::Record { key, value, headers: vec![], timestamp_ms: 0 }],
+                    records: vec![pb::Record {
+                        key: key.map(Bytes::from),
+                        value: value.into(),
+                        headers: vec![],
+                        timestamp_ms: 0,
+                    }],
                     producer_id: 0,
                     sequence: 0,
                 };
@@ -292,7 +298,12 @@ impl ProduceStreamSink {
         let batch = pb::ProduceRequest {
             topic: self.topic.clone(),
             partition: Some(partition),
-            records: vec![pb::Record { key, value, headers: vec![], timestamp_ms: 0 }],
+            records: vec![pb::Record {
+                key: key.map(Bytes::from),
+                value: value.into(),
+                headers: vec![],
+                timestamp_ms: 0,
+            }],
             producer_id: 0,
             sequence: 0,
         };
@@ -559,7 +570,8 @@ fn settle_ack(sh: &Shared, sent_ns: u64, r: Result<()>, ack: &mut Histogram<u64>
 }
 
 /// A stream of consumed record values, whatever the system.
-type ValueStream = Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>>> + Send>>;
+// Values as the clients hand them over, without a copy on either side (Busbar's and NATS's are `Bytes`).
+type ValueStream = Pin<Box<dyn futures::Stream<Item = Result<Bytes>> + Send>>;
 
 async fn consumer_streams(args: &Args, topic: &str, index: usize, run_id: &str) -> Result<Vec<ValueStream>> {
     let mine: Vec<u32> = (0..args.partitions).filter(|p| (*p as usize) % args.consumers == index).collect();
@@ -614,7 +626,7 @@ async fn consumer_streams(args: &Args, topic: &str, index: usize, run_id: &str) 
                 .messages()
                 .await
                 .map_err(|e| anyhow!("consumer messages: {e}"))?;
-            out.push(Box::pin(msgs.map(|m| m.map(|m| m.message.payload.to_vec()).map_err(|e| anyhow!("{e}")))));
+            out.push(Box::pin(msgs.map(|m| m.map(|m| m.message.payload).map_err(|e| anyhow!("{e}")))));
         }
     }
     Ok(out)

@@ -5,6 +5,7 @@ use std::time::Duration;
 use busbar_proto::v1 as pb;
 use busbar_proto::v1::busbar_client::BusbarClient;
 use busbar_proto::v1::cluster_client::ClusterClient;
+use bytes::Bytes;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::connection::{ConnectOnce, Link};
@@ -78,9 +79,9 @@ impl Record {
 
     pub(crate) fn into_wire(self) -> pb::Record {
         pb::Record {
-            key: self.key,
-            value: self.value,
-            headers: self.headers.into_iter().map(|(name, value)| pb::Header { name, value }).collect(),
+            key: self.key.map(Bytes::from),
+            value: Bytes::from(self.value),
+            headers: self.headers.into_iter().map(|(name, value)| pb::Header { name, value: value.into() }).collect(),
             timestamp_ms: self.timestamp_ms,
         }
     }

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use busbar_proto::v1 as pb;
+use bytes::Bytes;
 use futures::Stream;
 use tokio::time::Instant;
 
@@ -17,15 +18,19 @@ use crate::error::{codes, ClientError};
 use crate::leader::LeaderCache;
 
 /// A record read from a partition.
+///
+/// Its key, value and header values are slices of the message they arrived in (no copy per
+/// record): keeping one record alive keeps the buffer that message was read into (about the
+/// consumer's `max_bytes`, 1 MiB by default) in memory. Copy out (`to_vec()`) what is kept long.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerRecord {
     pub topic: String,
     pub partition: u32,
     pub offset: u64,
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
     /// In the order they were produced; names may repeat.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<(String, Bytes)>,
     /// Milliseconds since the Unix epoch: as the producer set it, or as the broker did.
     pub timestamp_ms: i64,
 }

@@ -28,7 +28,7 @@
 //! consumer.assign("orders", written.partition).await?;
 //! consumer.seek(written.offset);
 //! let records = consumer.poll(Duration::from_secs(1)).await?;
-//! assert_eq!(records[0].value, b"created");
+//! assert_eq!(&records[0].value[..], b"created");
 //! # Ok(()) }
 //! ```
 //!
@@ -81,6 +81,8 @@ pub use busbar_proto::v1::{
     GroupPartition, MetadataResponse, NodeRole, NodeStatus, PartitionOffsets, ProduceRequest, ProduceResponse,
     TopicInfo,
 };
+/// Consumed records' keys and values; re-exported so applications need not depend on `bytes`.
+pub use bytes::Bytes;
 pub use client::{Client, ClientOptions, Record};
 pub use consumer::{ConsumerConfig, ConsumerRecord, PartitionConsumer, RecordStream};
 pub use error::{codes, ClientError};

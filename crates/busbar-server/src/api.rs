@@ -17,7 +17,6 @@ use busbar_storage::FetchResult;
 use busbar_types::{
     Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, RecordBatch, TopicConfig, TopicName,
 };
-use bytes::Bytes;
 use futures::Stream;
 use openraft::ServerState;
 use tokio::sync::{mpsc, Semaphore};
@@ -224,9 +223,11 @@ fn records_from_wire(
             ));
         }
         let rec = Record {
-            key: r.key.map(Bytes::from),
-            value: Bytes::from(r.value),
-            headers: r.headers.into_iter().map(|h| Header { name: h.name, value: Bytes::from(h.value) }).collect(),
+            // Slices of the request's buffer, no copy: the batch is encoded from them right away
+            // (`produce_command`), so nothing keeps that buffer alive past the request.
+            key: r.key,
+            value: r.value,
+            headers: r.headers.into_iter().map(|h| Header { name: h.name, value: h.value }).collect(),
             timestamp_ms: if r.timestamp_ms == 0 { now } else { r.timestamp_ms },
         };
         let size = rec.encoded_len_hint();
@@ -252,9 +253,9 @@ fn record_to_wire(offset: u64, r: Record) -> pb::ConsumedRecord {
     pb::ConsumedRecord {
         offset,
         record: Some(pb::Record {
-            key: r.key.map(|k| k.to_vec()),
-            value: r.value.to_vec(),
-            headers: r.headers.into_iter().map(|h| pb::Header { name: h.name, value: h.value.to_vec() }).collect(),
+            key: r.key,
+            value: r.value,
+            headers: r.headers.into_iter().map(|h| pb::Header { name: h.name, value: h.value }).collect(),
             timestamp_ms: r.timestamp_ms,
         }),
     }

@@ -311,7 +311,7 @@ async fn metrics_carry_raft_requests_partitions_groups_and_storage() -> Res<()> 
     let (leader, addr, mut api) = create_topic_on_a_leader(&nodes, "orders", 2).await?;
     let follower = *nodes.keys().find(|id| **id != leader).ok_or_else(|| anyhow::anyhow!("no follower"))?;
     for i in 0..20u32 {
-        let rec = pb::Record { value: format!("v{i}").into_bytes(), ..Default::default() };
+        let rec = pb::Record { value: format!("v{i}").into_bytes().into(), ..Default::default() };
         api.produce(pb::ProduceRequest {
             topic: "orders".into(),
             partition: Some(i % 2),
@@ -516,7 +516,7 @@ async fn a_dead_voter_is_replaced_by_removing_it_then_starting_it_empty() -> Res
         n.start().await?;
     }
     let (leader, addr, mut api) = create_topic_on_a_leader(&nodes, "t", 1).await?;
-    let records = (0..5).map(|i| pb::Record { value: vec![i], ..Default::default() }).collect();
+    let records = (0..5).map(|i| pb::Record { value: vec![i].into(), ..Default::default() }).collect();
     api.produce(pb::ProduceRequest { topic: "t".into(), partition: Some(0), records, ..Default::default() }).await?;
 
     // A follower's disk dies: the process is gone and its data with it.

@@ -3,6 +3,7 @@
 
 use busbar_types::record_batch::{self, BatchHeader, RecordEncoding};
 use busbar_types::{Record, RecordBatch};
+use bytes::Bytes;
 
 use crate::checked;
 use crate::StoreError;
@@ -44,6 +45,13 @@ pub fn header(what: &dyn Fn() -> String, value: &[u8]) -> Result<BatchHeader, St
 pub fn decode(what: &dyn Fn() -> String, value: &[u8]) -> Result<Vec<Record>, StoreError> {
     let payload = checked::open(what, value)?;
     record_batch::decode(payload).map_err(|e| StoreError::corrupt(what(), e.to_string()))
+}
+
+/// [`decode`] for a read's response: the records' keys and values are slices of `value` (see
+/// [`record_batch::decode_shared`]), so each keeps the whole stored batch alive while it lives.
+pub fn decode_shared(what: &dyn Fn() -> String, value: Bytes) -> Result<Vec<Record>, StoreError> {
+    let payload = value.slice_ref(checked::open(what, &value)?);
+    record_batch::decode_shared(&payload).map_err(|e| StoreError::corrupt(what(), e.to_string()))
 }
 
 /// Records tree key: `[topic id u32 BE][partition u32 BE][base offset u64 BE]`, so a partition's

@@ -822,7 +822,9 @@ impl TopicStore {
             }
             let what = || format!("batch {topic}/{partition}@{base}");
             let stored = self.inner.files.read(&what, &BatchRef::decode(&what, &v)?)?;
-            let batch_records = batch::decode(&what, &stored)?;
+            // The records share `stored` rather than copying out of it: they live until the
+            // response is written out.
+            let batch_records = batch::decode_shared(&what, Bytes::from(stored))?;
             next_expected = Some(base + batch_records.len() as u64);
             for (i, record) in batch_records.into_iter().enumerate() {
                 let off = base + i as u64;
@@ -4713,6 +4715,11 @@ mod tests {
         let values: Vec<String> = read_all(&store, "t", 0).into_iter().map(|(_, v)| v).collect();
         assert_eq!(values, ["b0", "b1", "v2", "v3", "b4", "v5", "b6", "b7", "v8"]);
         assert_eq!(store.partition_offsets("t").unwrap()[0].bytes, held_bytes(&store));
+        // A read hands out a varint batch's values as slices of the bytes it read (they share
+        // one buffer, so none is the only reference to it); a bincode batch's as copies.
+        let read = store.read("t", 0, 0, 4, 1 << 20).unwrap().records;
+        let unique: Vec<bool> = read.iter().map(|(_, r)| r.value.is_unique()).collect();
+        assert_eq!(unique, [true, true, false, false], "b0 b1 (bincode) copied, v2 v3 (varint) shared");
     }
 
     /// A retention cut at the end of the merged tail drops it, and the next record starts a batch of

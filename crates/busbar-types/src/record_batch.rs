@@ -184,6 +184,17 @@ impl RecordBatch {
 /// must hold exactly the records its header counts; a bincode one is read as builds before the
 /// varint encoding read it (bincode 1 ignores bytes after the last record).
 pub fn decode(bytes: &[u8]) -> Result<Vec<Record>, RecordBatchError> {
+    decode_in(bytes, None)
+}
+
+/// [`decode`], with the keys, values and header values of a varint batch as slices of `bytes`
+/// (no allocation or copy per record; a bincode batch's are copies). Every record then keeps the
+/// whole of `bytes` alive: for records on their way out (a read's response), not for keeping.
+pub fn decode_shared(bytes: &Bytes) -> Result<Vec<Record>, RecordBatchError> {
+    decode_in(bytes, Some(bytes))
+}
+
+fn decode_in(bytes: &[u8], owner: Option<&Bytes>) -> Result<Vec<Record>, RecordBatchError> {
     let header = BatchHeader::read(bytes)?;
     match header.encoding {
         RecordEncoding::Bincode => {
@@ -191,7 +202,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Record>, RecordBatchError> {
                 bincode::deserialize(bytes).map_err(|e| RecordBatchError::Codec(e.to_string()))?;
             Ok(records)
         }
-        RecordEncoding::Varint => varint::decode(bytes.get(HEADER_BYTES..).unwrap_or_default(), header.count),
+        RecordEncoding::Varint => varint::decode(bytes.get(HEADER_BYTES..).unwrap_or_default(), header.count, owner),
     }
 }
 
@@ -303,6 +314,8 @@ mod varint {
     struct Reader<'b> {
         bytes: &'b [u8],
         record: u32,
+        /// The buffer `bytes` lies in, when keys and values may be slices of it rather than copies.
+        owner: Option<&'b Bytes>,
     }
 
     impl<'b> Reader<'b> {
@@ -344,14 +357,24 @@ mod varint {
             Ok(b)
         }
 
+        /// A key's or value's bytes: a slice of the owner (no copy), else a copy.
+        fn bytes_out(&mut self) -> Result<Bytes, RecordBatchError> {
+            let b = self.bytes()?;
+            Ok(match self.owner {
+                // `b` was cut from `self.bytes`, which lies inside the owner: `slice_ref` holds.
+                Some(owner) => owner.slice_ref(b),
+                None => Bytes::copy_from_slice(b),
+            })
+        }
+
         fn record(&mut self) -> Result<Record, RecordBatchError> {
             let flags = self.byte()?;
             if flags & !(HAS_KEY | HAS_HEADERS) != 0 {
                 return Err(self.bad(&format!("unknown flags {flags:#04x}")));
             }
             let timestamp_ms = unzigzag(self.varint()?);
-            let key = if flags & HAS_KEY != 0 { Some(Bytes::copy_from_slice(self.bytes()?)) } else { None };
-            let value = Bytes::copy_from_slice(self.bytes()?);
+            let key = if flags & HAS_KEY != 0 { Some(self.bytes_out()?) } else { None };
+            let value = self.bytes_out()?;
             let mut headers = Vec::new();
             if flags & HAS_HEADERS != 0 {
                 let n = self.varint()?;
@@ -363,16 +386,18 @@ mod varint {
                 for _ in 0..n {
                     let name = std::str::from_utf8(self.bytes()?).map_err(|_| self.bad("a header name not UTF-8"))?;
                     let name = name.to_owned();
-                    headers.push(Header { name, value: Bytes::copy_from_slice(self.bytes()?) });
+                    headers.push(Header { name, value: self.bytes_out()? });
                 }
             }
             Ok(Record { key, value, headers, timestamp_ms })
         }
     }
 
-    pub(super) fn decode(bytes: &[u8], count: u32) -> Result<Vec<Record>, RecordBatchError> {
+    /// The records of `bytes` (after the header). With an `owner` (the buffer `bytes` lies in),
+    /// their keys and values are slices of it; without, copies.
+    pub(super) fn decode(bytes: &[u8], count: u32, owner: Option<&Bytes>) -> Result<Vec<Record>, RecordBatchError> {
         let mut records = Vec::with_capacity((count as usize).min(bytes.len() / MIN_RECORD_BYTES).min(MAX_RESERVED));
-        let mut r = Reader { bytes, record: 0 };
+        let mut r = Reader { bytes, record: 0, owner };
         while r.record < count {
             records.push(r.record()?);
             r.record += 1;
@@ -389,7 +414,7 @@ mod varint {
             let mut buf = Vec::new();
             put(&mut buf, v);
             assert_eq!(buf.len(), varint_len(v), "{v}");
-            let mut r = Reader { bytes: &buf, record: 0 };
+            let mut r = Reader { bytes: &buf, record: 0, owner: None };
             assert_eq!(r.varint().unwrap(), v);
             assert!(r.bytes.is_empty());
         }
@@ -397,14 +422,18 @@ mod varint {
             assert_eq!(unzigzag(zigzag(v)), v);
         }
         // Overlong: 0 as two bytes, 1 as three.
-        assert!(Reader { bytes: &[0x80, 0x00], record: 0 }.varint().unwrap_err().to_string().contains("overlong"));
-        assert!(Reader { bytes: &[0x81, 0x80, 0x00], record: 0 }.varint().is_err());
+        assert!(Reader { bytes: &[0x80, 0x00], record: 0, owner: None }
+            .varint()
+            .unwrap_err()
+            .to_string()
+            .contains("overlong"));
+        assert!(Reader { bytes: &[0x81, 0x80, 0x00], record: 0, owner: None }.varint().is_err());
         // Eleven bytes, or a tenth byte above 1: more than 64 bits.
-        let mut r = Reader { bytes: &[0xff; 11], record: 0 };
+        let mut r = Reader { bytes: &[0xff; 11], record: 0, owner: None };
         assert!(r.varint().is_err());
         let mut too_big = vec![0xff; 9];
         too_big.push(0x02);
-        assert!(Reader { bytes: &too_big, record: 0 }.varint().is_err());
+        assert!(Reader { bytes: &too_big, record: 0, owner: None }.varint().is_err());
     }
 }
 
@@ -536,6 +565,28 @@ mod tests {
     }
 
     #[test]
+    fn shared_decoding_slices_varint_records_out_of_the_batch() {
+        let mut records: Vec<Record> = (0..10).map(rec).collect();
+        records.push(Record { key: Some(Bytes::new()), value: Bytes::new(), headers: vec![], timestamp_ms: 3 });
+        for encoding in BOTH {
+            let batch = RecordBatch::encode(&records, encoding).unwrap();
+            let bytes = Bytes::copy_from_slice(batch.as_bytes());
+            let shared = decode_shared(&bytes).unwrap();
+            assert_eq!(shared, records, "{encoding:?}");
+            let range = bytes.as_ptr_range();
+            let inside = |b: &Bytes| b.is_empty() || range.contains(&b.as_ptr());
+            let all_inside = shared.iter().all(|r| {
+                inside(&r.value) && r.key.as_ref().is_none_or(inside) && r.headers.iter().all(|h| inside(&h.value))
+            });
+            // Varint: every key, value and header value lies in the batch's own bytes, no copy.
+            // Bincode: copies (serde's `Bytes` reads into a new buffer), as before.
+            assert_eq!(all_inside, encoding == RecordEncoding::Varint, "{encoding:?}");
+            let copied = decode(&bytes).unwrap();
+            assert!(copied.iter().all(|r| r.value.is_empty() || !range.contains(&r.value.as_ptr())));
+        }
+    }
+
+    #[test]
     fn damaged_varint_records_decode_to_errors() {
         varint::round_trips_varints();
         let records: Vec<Record> = (0..10).map(rec).collect();
@@ -553,6 +604,8 @@ mod tests {
             for v in [0x00, 0x01, 0x7f, 0x80, 0xff] {
                 let mut bad = good.clone();
                 bad[at] = v;
+                // Decoding in place reads the same bytes the same way.
+                assert_eq!(decode_shared(&Bytes::from(bad.clone())), decode(&bad), "byte {at} set to {v:#04x}");
                 if let Ok(other) = decode(&bad) {
                     let again = RecordBatch::encode(&other, RecordEncoding::Varint).unwrap();
                     assert_eq!(&again.as_bytes()[HEADER_BYTES..], &bad[HEADER_BYTES..], "byte {at} set to {v:#04x}");

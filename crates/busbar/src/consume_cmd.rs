@@ -159,7 +159,7 @@ fn group_record_line(r: &ConsumerRecord, text: &mut String) -> anyhow::Result<()
         value: &r.value,
         timestamp: r.timestamp_ms,
     };
-    line.push_to(text, r.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+    line.push_to(text, r.headers.iter().map(|(n, v)| (n.as_str(), &v[..])))
 }
 
 /// How a group consume ended.
@@ -397,7 +397,7 @@ impl Consumer {
             }
             self.cursors[i].offset = c.offset + 1;
             let rec = c.record.unwrap_or_default();
-            let headers = rec.headers.iter().map(|h| (h.name.as_str(), h.value.as_slice()));
+            let headers = rec.headers.iter().map(|h| (h.name.as_str(), &h.value[..]));
             let line = RecordLine {
                 topic: &self.topic,
                 partition,

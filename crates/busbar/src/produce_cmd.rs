@@ -157,7 +157,11 @@ pub async fn run(brokers: &[String], output: Output, args: ProduceArgs) -> anyho
         sequences: HashMap::new(),
         key: args.key.map(String::into_bytes),
         separator: args.key_separator.map(String::into_bytes),
-        headers: args.headers.into_iter().map(|(name, value)| pb::Header { name, value: value.into_bytes() }).collect(),
+        headers: args
+            .headers
+            .into_iter()
+            .map(|(name, value)| pb::Header { name, value: value.into_bytes().into() })
+            .collect(),
         failed: Vec::new(),
         records: 0,
         report_each,
@@ -318,7 +322,12 @@ impl Run {
             + key.as_ref().map_or(0, Vec::len)
             + self.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>()
             + 32;
-        let record = pb::Record { key, value, headers: self.headers.clone(), timestamp_ms: 0 };
+        let record = pb::Record {
+            key: key.map(Into::into),
+            value: value.into(),
+            headers: self.headers.clone(),
+            timestamp_ms: 0,
+        };
         Ok(Some(Item { line: no, partition, record, size }))
     }
 
