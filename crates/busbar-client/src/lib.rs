@@ -82,6 +82,8 @@ pub use busbar_proto::v1::{
     TopicInfo,
 };
 /// Consumed records' keys and values; re-exported so applications need not depend on `bytes`.
+/// A consumed record's bytes are a slice of the message it came in: copy out (`to_vec()`) what
+/// is kept long, or it keeps that message's buffer alive (see [`ConsumerRecord`]).
 pub use bytes::Bytes;
 pub use client::{Client, ClientOptions, Record};
 pub use consumer::{ConsumerConfig, ConsumerRecord, PartitionConsumer, RecordStream};

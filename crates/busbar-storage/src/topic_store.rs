@@ -149,6 +149,10 @@ impl GroupPartitionView {
     }
 }
 
+/// What a read returns. A record's key and values may be slices of the stored batch it was read
+/// from (a varint batch's are; see [`batch::decode_shared`]): while it lives it keeps that batch's
+/// buffer, at most four times the bytes of the records taken from it (past that they are copied
+/// out; see [`copy_out_if_sparse`]). Meant to be sent out, not kept.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FetchResult {
     pub records: Vec<(u64, Record)>,
@@ -395,6 +399,24 @@ fn group_key(name: &str) -> Vec<u8> {
 /// Marks a partition whose batches below its start offset are still to be deleted (retention).
 fn trim_key(topic_id: u32, partition: u32) -> Vec<u8> {
     [b"trim/".as_slice(), &topic_id.to_be_bytes(), &partition.to_be_bytes()].concat()
+}
+
+/// Copies the records a read took from one stored batch out of it when they are under a quarter of
+/// its bytes: a consumer reading one record at a time from large batches would otherwise keep a
+/// whole batch (up to `max_batch_bytes`) alive per record in each queued response (a `Subscribe`
+/// queues several), instead of the bytes it asked for.
+fn copy_out_if_sparse(taken: &mut [(u64, Record)], taken_bytes: usize, stored_len: usize) {
+    if taken_bytes.saturating_mul(4) >= stored_len {
+        return;
+    }
+    let copy = |b: &mut Bytes| *b = Bytes::copy_from_slice(b);
+    for (_, r) in taken {
+        if let Some(k) = r.key.as_mut() {
+            copy(k);
+        }
+        copy(&mut r.value);
+        r.headers.iter_mut().for_each(|h| copy(&mut h.value));
+    }
 }
 
 fn topic_info(t: &TopicMeta) -> TopicInfo {
@@ -822,10 +844,13 @@ impl TopicStore {
             }
             let what = || format!("batch {topic}/{partition}@{base}");
             let stored = self.inner.files.read(&what, &BatchRef::decode(&what, &v)?)?;
+            let stored_len = stored.len();
             // The records share `stored` rather than copying out of it: they live until the
             // response is written out.
             let batch_records = batch::decode_shared(&what, Bytes::from(stored))?;
             next_expected = Some(base + batch_records.len() as u64);
+            let (first_taken, bytes_before) = (result.records.len(), bytes);
+            let mut full = false;
             for (i, record) in batch_records.into_iter().enumerate() {
                 let off = base + i as u64;
                 if off < offset {
@@ -833,13 +858,21 @@ impl TopicStore {
                 }
                 if off >= state.end_offset {
                     // A tail merged into since this reader took the end offset.
-                    return Ok(result);
+                    full = true;
+                    break;
                 }
                 bytes += record.encoded_len_hint();
                 result.records.push((off, record));
                 if result.records.len() >= max_records || bytes >= max_bytes {
-                    return Ok(result);
+                    full = true;
+                    break;
                 }
+            }
+            if let Some(taken) = result.records.get_mut(first_taken..) {
+                copy_out_if_sparse(taken, bytes - bytes_before, stored_len);
+            }
+            if full {
+                return Ok(result);
             }
         }
         if result.records.is_empty() {
@@ -4720,6 +4753,19 @@ mod tests {
         let read = store.read("t", 0, 0, 4, 1 << 20).unwrap().records;
         let unique: Vec<bool> = read.iter().map(|(_, r)| r.value.is_unique()).collect();
         assert_eq!(unique, [true, true, false, false], "b0 b1 (bincode) copied, v2 v3 (varint) shared");
+        // Two records out of a batch of a hundred are copied out: a queued response must not
+        // keep a whole batch alive for a few records.
+        let many: Vec<Record> = (0..100).map(|i| rec(&format!("m{i:02}"))).collect();
+        let cmd = Command::Produce {
+            topic: name("t"),
+            partition: 0,
+            records: RecordBatch::encode(&many, Varint).unwrap(),
+            producer: None,
+        };
+        store.apply(&[Some(&cmd)], Bytes::from_static(b"r")).unwrap();
+        let read = store.read("t", 0, 9, 2, 1 << 20).unwrap().records;
+        let got: Vec<(u64, &[u8], bool)> = read.iter().map(|(o, r)| (*o, &r.value[..], r.value.is_unique())).collect();
+        assert_eq!(got, [(9, &b"m00"[..], true), (10, &b"m01"[..], true)]);
     }
 
     /// A retention cut at the end of the merged tail drops it, and the next record starts a batch of
