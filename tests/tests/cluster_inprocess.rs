@@ -243,6 +243,88 @@ async fn t35_a_snapshot_of_merged_tails_leaves_the_follower_with_the_same_batche
     Ok(())
 }
 
+/// The apply version the leader reports for itself.
+async fn leader_apply_version(c: &InProcessCluster, leader: u64) -> anyhow::Result<u32> {
+    let st = c.client_of(leader).await?.cluster_status().await?;
+    st.nodes.iter().find(|n| n.id == leader).map(|n| n.apply_version).context("the leader is not in its own status")
+}
+
+/// Writes on both sides of the live raise to apply version 4: one-record writes proposed while the
+/// cluster applies an older version are stored in bincode, the ones after in varint, merged into
+/// the same partitions. A member that was down while the first were written (it held the raise
+/// back) comes back, the leader raises the version, writes go on through snapshots and purges; in
+/// the end every node holds every acknowledged record, reads it back the same, and stores the same
+/// batches (equal byte counts), fewer bytes than bincode alone would take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t37_writes_across_the_live_raise_to_varint_records_read_back_the_same_everywhere() -> anyhow::Result<()> {
+    let raft = RaftConfig { snapshot_every: 40, logs_to_keep: 5, ..test_raft_config() };
+    let mut c = start_three(raft).await?;
+    let newest = busbar_storage::apply_version::APPLY_VERSION;
+    let leader = c.leader().await?;
+    let follower = c.ids().into_iter().find(|id| *id != leader).unwrap_or(1);
+    // At once: the leader first looks at raising the version two seconds after it starts, and a
+    // member that does not answer holds the raise back.
+    c.crash(follower).await?;
+    let before = leader_apply_version(&c, leader).await?;
+    anyhow::ensure!(
+        before < busbar_storage::apply_version::VARINT_RECORDS,
+        "the cluster was at version {before} before the test could hold the raise back"
+    );
+    let client = c.client().await?;
+    client.create_topic("mixed", 2).await?;
+    let value = |i: usize| format!("{i:0>100}").into_bytes();
+    let mut acked = Acked::new();
+    let write = |i: usize| {
+        let client = client.clone();
+        async move {
+            let p = (i % 2) as u32;
+            let ack = client.produce("mixed", p, vec![Record::value(value(i))]).await?;
+            anyhow::Ok(((p, ack.base_offset), value(i)))
+        }
+    };
+    for i in 0..100 {
+        let (k, v) = write(i).await?;
+        acked.insert(k, v);
+    }
+    let held = leader_apply_version(&c, leader).await?;
+    assert_eq!(held, before, "the raise went ahead with a member down");
+    let stored = |c: &InProcessCluster| -> anyhow::Result<u64> {
+        Ok(c.store_offsets(leader, "mixed")?.iter().map(|p| p.bytes).sum())
+    };
+    // 125 bytes per 100-byte record in bincode (145 stored alone), 108 in varint.
+    let first = stored(&c)?;
+    assert!(first >= 100 * 125, "{first} bytes for the first 100 records: not bincode?");
+
+    c.restart(follower).await?;
+    let mut next = 100;
+    // Writes go on while the leader raises the version (every two seconds it looks).
+    let raised = Instant::now();
+    while leader_apply_version(&c, leader).await? < newest {
+        anyhow::ensure!(raised.elapsed() < Duration::from_secs(30), "the version was not raised in 30 s");
+        let (k, v) = write(next).await?;
+        acked.insert(k, v);
+        next += 1;
+    }
+    let mid = stored(&c)?;
+    for i in next..next + 100 {
+        let (k, v) = write(i).await?;
+        acked.insert(k, v);
+    }
+    let last = stored(&c)? - mid;
+    // Merged into 4 KiB tails, 20 bytes each: a bincode record would take 125.
+    assert!(last < 100 * 112, "{last} bytes for the last 100 records: not varint?");
+    c.wait_identical("mixed", 2, Duration::from_secs(60)).await?;
+    for id in c.ids() {
+        assert_has_all(&c, id, "mixed", 2, &acked).await?;
+    }
+    let stores: Vec<_> = c.ids().into_iter().map(|id| c.store_offsets(id, "mixed")).collect::<Result<_, _>>()?;
+    for (id, s) in c.ids().into_iter().zip(&stores) {
+        assert_eq!(s, &stores[0], "node {id}'s stored batches differ from node {}'s", c.ids()[0]);
+    }
+    c.shutdown().await;
+    Ok(())
+}
+
 /// A snapshot names batches in the leader's store rather than copying them; the store keeps what
 /// its snapshot names. Here a topic in the snapshot is deleted after it was taken, and the leader's
 /// reclaimer runs, before a lagging follower needs the snapshot: it must still arrive whole.
