@@ -3,7 +3,9 @@
 //! Every `CHECK_EVERY`, the leader compares the version its state machine applies with the highest
 //! its build knows. If the cluster is behind, it asks every member (voters and learners) for its own
 //! status and proposes `SetApplyVersion` only when each one answers with a build that knows the new
-//! version. A member that is down or runs an older build holds the change back (logged, retried):
+//! version. A node checks only once it has led for a whole `CHECK_EVERY` (it saw itself leader at
+//! the check before), not at its first check after an election: a new leader gives the members it
+//! just heard from a moment to show up, and the raise is never a race with the cluster's forming. A member that is down or runs an older build holds the change back (logged, retried):
 //! an entry it could not apply the same way must not reach the log.
 
 use std::time::Duration;
@@ -22,6 +24,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub async fn run(node: RaftNode, proposer: Proposer, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut held_back_by: Option<String> = None;
+    // The term in which this node was leader at the previous check.
+    let mut led_in: Option<u64> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(CHECK_EVERY) => {}
@@ -29,6 +33,10 @@ pub async fn run(node: RaftNode, proposer: Proposer, mut stop: tokio::sync::watc
         }
         let m = node.raft.metrics().borrow().clone();
         if m.state != ServerState::Leader {
+            led_in = None;
+            continue;
+        }
+        if led_in.replace(m.current_term) != Some(m.current_term) {
             continue;
         }
         let current = match node.store.apply_version() {
