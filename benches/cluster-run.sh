@@ -32,7 +32,20 @@ for i in 1 2 3; do
   "$bin" server --id "$i" --listen "127.0.0.1:1710$i" --data-dir "$data/n$i" --peers "$peers" ${SERVER_ARGS:-} >"$data/n$i.log" 2>&1 &
   pids+=($!)
 done
-sleep 4
+# Until there is a leader and every node applies at the newest version its build knows (a fresh
+# cluster raises it a few seconds after its election; the record encoding changes with it).
+brokers=127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103
+for _ in $(seq 60); do
+  if "$bin" --brokers "$brokers" --output json cluster status 2>/dev/null | python3 -c '
+import json, sys
+nodes = [json.loads(l) for l in sys.stdin if l.strip()]
+ok = len(nodes) == 3 and any(n["role"] == "leader" for n in nodes) and all(
+    n["reachable"] and n["apply_version"] == n["max_apply_version"] for n in nodes)
+sys.exit(0 if ok else 1)'; then
+    break
+  fi
+  sleep 0.5
+done
 profile=${PROFILE:-}
 duration=${DURATION:-8}
 mode=(--mode throughput)

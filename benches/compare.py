@@ -142,10 +142,19 @@ def start_busbar(busbar, workdir):
         c.check()
         r = subprocess.run([busbar, "--brokers", ",".join(brokers), "--output", "json", "cluster", "status"],
                            capture_output=True, text=True, timeout=20)
-        if r.returncode == 0 and '"leader"' in r.stdout.lower():
+        if r.returncode == 0 and at_newest_apply_version(r.stdout):
             return c
         time.sleep(0.3)
-    raise RuntimeError("busbar cluster has no leader after 30 s")
+    raise RuntimeError("busbar cluster has no leader, or has not raised its apply version, after 30 s")
+
+
+def at_newest_apply_version(status_json_lines):
+    """A leader, and every node applying at the newest version its build knows: a fresh cluster
+    raises it a few seconds after its election, and a run must measure the records as they are
+    stored from then on (the record encoding changes with it)."""
+    nodes = [json.loads(line) for line in status_json_lines.splitlines() if line.strip()]
+    return (len(nodes) == 3 and any(n.get("role") == "leader" for n in nodes)
+            and all(n.get("reachable") and n.get("apply_version") == n.get("max_apply_version") for n in nodes))
 
 
 def start_nats(nats, workdir, sync_always):
