@@ -35,6 +35,7 @@ done
 # Until there is a leader and every node applies at the newest version its build knows (a fresh
 # cluster raises it a few seconds after its election; the record encoding changes with it).
 brokers=127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103
+ready=0
 for _ in $(seq 60); do
   if "$bin" --brokers "$brokers" --output json cluster status 2>/dev/null | python3 -c '
 import json, sys
@@ -42,10 +43,12 @@ nodes = [json.loads(l) for l in sys.stdin if l.strip()]
 ok = len(nodes) == 3 and any(n["role"] == "leader" for n in nodes) and all(
     n["reachable"] and n["apply_version"] == n["max_apply_version"] for n in nodes)
 sys.exit(0 if ok else 1)'; then
+    ready=1
     break
   fi
   sleep 0.5
 done
+[ "$ready" = 1 ] || { echo "no leader, or the apply version not raised, after 30 s" >&2; exit 1; }
 profile=${PROFILE:-}
 duration=${DURATION:-8}
 mode=(--mode throughput)

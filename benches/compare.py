@@ -152,7 +152,10 @@ def at_newest_apply_version(status_json_lines):
     """A leader, and every node applying at the newest version its build knows: a fresh cluster
     raises it a few seconds after its election, and a run must measure the records as they are
     stored from then on (the record encoding changes with it)."""
-    nodes = [json.loads(line) for line in status_json_lines.splitlines() if line.strip()]
+    try:
+        nodes = [json.loads(line) for line in status_json_lines.splitlines() if line.strip()]
+    except ValueError:
+        return False
     return (len(nodes) == 3 and any(n.get("role") == "leader" for n in nodes)
             and all(n.get("reachable") and n.get("apply_version") == n.get("max_apply_version") for n in nodes))
 
