@@ -13,7 +13,7 @@ use busbar_proto::v1 as pb;
 use busbar_proto::v1::busbar_server::Busbar;
 use busbar_raft::RaftNode;
 use busbar_storage::apply_version::record_encoding;
-use busbar_storage::FetchResult;
+use busbar_storage::{FetchResult, TopicInfo};
 use busbar_types::{
     Command, CommandResponse, ErrorCode, Header, ProducerSeq, Record, RecordBatch, TopicConfig, TopicName,
 };
@@ -89,16 +89,18 @@ impl Inner {
     /// Checks a produce request and turns it into a command.
     fn produce_command(&self, req: pb::ProduceRequest) -> Result<(u32, Command), Status> {
         let topic = topic_name(&req.topic)?;
-        let records = records_from_wire(req.records, &self.limits, self.record_limit(&topic))?;
+        // One look at the store for everything below, not one each.
+        let (info, version) =
+            self.node.store.topic_and_apply_version(topic.as_str()).map_err(|e| error::status(error::from_store(e)))?;
+        let records = records_from_wire(req.records, &self.limits, self.record_limit(info.as_ref()))?;
         let partition = match req.partition {
             Some(p) => p,
-            None => self.choose_partition(&topic, &records)?,
+            None => self.choose_partition(&topic, info.as_ref(), &records)?,
         };
         let producer =
             (req.producer_id != 0).then_some(ProducerSeq { producer_id: req.producer_id, sequence: req.sequence });
         // Encoded once, here: every later hop (log, replication, apply) copies these bytes. In
         // the encoding every member reads, by the version this node applies at.
-        let version = self.node.store.apply_version().map_err(|e| error::status(error::from_store(e)))?;
         let records = RecordBatch::encode(&records, record_encoding(version))
             .map_err(|e| api(ErrorCode::InvalidRequest, format!("the batch cannot be encoded: {e}")))?;
         Ok((partition, Command::Produce { topic, partition, records, producer }))
@@ -106,27 +108,15 @@ impl Inner {
 
     /// The largest record a topic takes: the server's limit, or the topic's `max.message.bytes`
     /// (its own, else the cluster default) when that is smaller.
-    fn record_limit(&self, topic: &TopicName) -> usize {
-        let topic_max = self
-            .node
-            .store
-            .topic(topic.as_str())
-            .ok()
-            .flatten()
-            .and_then(|t| t.config.or(&self.topic_defaults).max_message_bytes)
-            .map(|m| m as usize);
+    fn record_limit(&self, topic: Option<&TopicInfo>) -> usize {
+        let topic_max = topic.and_then(|t| t.config.or(&self.topic_defaults).max_message_bytes).map(|m| m as usize);
         topic_max.map_or(self.limits.max_record_bytes, |m| m.min(self.limits.max_record_bytes))
     }
 
     /// The partition of a batch that names none: its keys' partition (murmur2, as Kafka), which all
     /// keyed records must share; a batch without keys goes to the next partition in turn.
-    fn choose_partition(&self, topic: &TopicName, records: &[Record]) -> Result<u32, Status> {
-        let info = self
-            .node
-            .store
-            .topic(topic.as_str())
-            .map_err(|e| error::status(error::from_store(e)))?
-            .ok_or_else(|| api(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {topic}")))?;
+    fn choose_partition(&self, topic: &TopicName, info: Option<&TopicInfo>, records: &[Record]) -> Result<u32, Status> {
+        let info = info.ok_or_else(|| api(ErrorCode::UnknownTopicOrPartition, format!("unknown topic {topic}")))?;
         let mut chosen = None;
         for r in records {
             if let Some(k) = &r.key {

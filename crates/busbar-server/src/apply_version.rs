@@ -5,7 +5,8 @@
 //! status and proposes `SetApplyVersion` only when each one answers with a build that knows the new
 //! version. A node checks only once it has led for a whole `CHECK_EVERY` (it saw itself leader at
 //! the check before), not at its first check after an election: a new leader gives the members it
-//! just heard from a moment to show up, and the raise is never a race with the cluster's forming. A member that is down or runs an older build holds the change back (logged, retried):
+//! just heard from a moment to show up, and the raise is never a race with the cluster's forming.
+//! A member that is down or runs an older build holds the change back (logged, retried):
 //! an entry it could not apply the same way must not reach the log.
 
 use std::time::Duration;

@@ -723,6 +723,14 @@ impl TopicStore {
         Ok(cur.meta.topics.values().map(topic_info).collect())
     }
 
+    /// [`topic`](Self::topic) and [`apply_version`](Self::apply_version) from one look at the
+    /// store's state: what a produce request needs, once per request.
+    pub fn topic_and_apply_version(&self, name: &str) -> Result<(Option<TopicInfo>, u32), StoreError> {
+        let cur = self.current()?;
+        let topic = cur.meta.topics.values().find(|t| t.name.as_str() == name).map(topic_info);
+        Ok((topic, cur.meta.apply_version))
+    }
+
     pub fn topic(&self, name: &str) -> Result<Option<TopicInfo>, StoreError> {
         let cur = self.current()?;
         Ok(cur.meta.topics.values().find(|t| t.name.as_str() == name).map(topic_info))
