@@ -10,6 +10,12 @@
 #   RATE=500 offers a fixed rate (records/s, mode rate) instead of as fast as possible, and prints
 #   the produce-to-ack latencies too; SERVER_ARGS="--worker-threads 1" adds flags to the servers:
 #   RATE=500 SERVER_ARGS="--worker-threads 1" bash benches/cluster-run.sh target/release/busbar
+#   CONSUME=1000000 bash benches/cluster-run.sh target/release/busbar
+#     writes that many records into one partition, then reads them back from offset 0 (the shape
+#     of compare.py's consume-100) and prints the read rate.
+#   CTX=1 RATE=500 bash benches/cluster-run.sh target/release/busbar per-request
+#     also counts the servers' context switches over 5 s from 4 s in, per node and thread name
+#     (voluntary + involuntary, from /proc/PID/task/*/status); the run lasts 10 s unless DURATION says.
 #   PROFILE=/tmp/kib SIZE=1024 bash benches/cluster-run.sh target/release/busbar batched 4096
 #     also records a CPU profile of the three servers, `perf record -e cpu-clock -g` (software clock:
 #     this VM kind has no hardware counters) for 5 s from 4 s in, into /tmp/kib.data (read it with
@@ -61,14 +67,38 @@ if [ -n "$profile" ]; then
   command -v perf >/dev/null || { echo "PROFILE needs perf (Debian: linux-perf)" >&2; exit 1; }
   duration=${DURATION:-10}
 fi
-"$load" --system busbar --brokers 127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103 \
-  --pids "$(IFS=,; echo "${pids[*]}")" --duration "$duration" --warmup 1 "${mode[@]}" \
-  --api "$api" --record-size "${SIZE:-100}" --partitions "${PARTITIONS:-8}" --producers 2 --consumers 1 \
-  --in-flight "$inflight" ${EXTRA:-} >"$data/load.out" 2>&1 &
+[ -n "${CTX:-}" ] && duration=${DURATION:-10}
+shape=(--api "$api" --record-size "${SIZE:-100}" --partitions "${PARTITIONS:-8}" --producers 2 --consumers 1
+  --in-flight "$inflight")
+if [ -n "${CONSUME:-}" ]; then
+  mode=(--mode consume --consume-records "$CONSUME" --drain-timeout 120)
+  shape=(--api batched --record-size "${SIZE:-100}" --partitions 1 --producers 1 --consumers 1 --in-flight 8192)
+  grep_default="^consumed|server cpu"
+fi
+"$load" --system busbar --brokers "$brokers" \
+  --pids "$(IFS=,; echo "${pids[*]}")" --duration "$duration" --warmup 1 "${mode[@]}" "${shape[@]}" \
+  ${EXTRA:-} >"$data/load.out" 2>&1 &
 loadgen=$!
+# Every thread's voluntary + involuntary context switches, as "node thread-name count" lines.
+switches() {
+  for i in 1 2 3; do
+    for t in /proc/"${pids[$((i - 1))]}"/task/*; do
+      awk -v node="$i" -v name="$(cat "$t/comm" 2>/dev/null)" \
+        '/^(non)?voluntary_ctxt_switches/ { n += $2 } END { print node, name, n + 0 }' "$t/status" 2>/dev/null
+    done
+  done | awk '{ k = $1 " " $2; s[k] += $3 } END { for (k in s) print k, s[k] }' | sort
+}
 if [ -n "$profile" ]; then
   sleep 4
   perf record -e cpu-clock -F 499 -g -p "$(IFS=,; echo "${pids[*]}")" -o "$profile.data" -- sleep 5 >/dev/null 2>&1
+elif [ -n "${CTX:-}" ]; then
+  sleep 4
+  switches >"$data/ctx.before"
+  sleep 5
+  switches >"$data/ctx.after"
+  echo "context switches in 5 s (node, thread, count; threads with more than 100):"
+  join <(awk '{ print $1 "/" $2, $3 }' "$data/ctx.before") <(awk '{ print $1 "/" $2, $3 }' "$data/ctx.after") |
+    awk '{ d = $3 - $2; t += d; if (d > 100) print "  " $1, d } END { print "  total", t }'
 fi
 wait "$loadgen" || { cat "$data/load.out" >&2; exit 1; }
 grep -E "${GREP:-$grep_default}" "$data/load.out"
